@@ -163,9 +163,16 @@ def cmd_pool_verify(cfg: PoolVerifyConfig) -> int:
 
 
 # --------------------------------------------------------------------------- argument parsing
+# Sub-commands of other modules (each ``add_commands(sub)`` registers parsers with ``set_defaults(run=...,
+# config=SomeDataclass)``); they import their heavy dependencies inside their command functions.
+EXTENSIONS = ("cli_store", "cli_service", "cli_experiment", "cli_bench")
+
+
 def _parser() -> argparse.ArgumentParser:
+    import importlib
+
     from . import __version__
-    from .build import PRESETS
+    from .build import PRESETS, BuildConfig
     from .data import DATASETS
 
     p = argparse.ArgumentParser(prog="expertpool", description="Pool of Experts: train-free composite models.")
@@ -173,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="build (or resume) a pool: oracle -> library -> experts")
+    b.set_defaults(run=cmd_build, config=BuildConfig)
     b.add_argument("--dataset", required=True, choices=DATASETS)
     b.add_argument("--pool", required=True, help="pool file to create or resume")
     b.add_argument("--data-root")
@@ -186,10 +194,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", dest="progress", action="store_false")
 
     t = sub.add_parser("tasks", help="list the pool's primitive tasks")
+    t.set_defaults(run=cmd_tasks, config=TasksConfig)
     t.add_argument("--pool", required=True)
     t.add_argument("--json", action="store_true")
 
     q = sub.add_parser("query", help="compose the model of a composite task")
+    q.set_defaults(run=cmd_query, config=QueryConfig)
     q.add_argument("--pool", required=True)
     q.add_argument("--tasks", nargs="*", required=True, metavar="TASK")
     q.add_argument("--eval", action="store_true", help="accuracy on the test images of the queried classes")
@@ -198,36 +208,25 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.add_argument("--export", metavar="FILE", help="write the model to FILE (.onnx, .safetensors or .pt2)")
 
-    pl = sub.add_parser("pool", help="inspect a pool").add_subparsers(dest="pool_command", required=True)
-    pi = pl.add_parser("info", help="catalog and components")
+    pool = sub.add_parser("pool", help="inspect a pool").add_subparsers(dest="pool_command", required=True)
+    pi = pool.add_parser("info", help="catalog and components")
+    pi.set_defaults(run=cmd_pool_info, config=PoolInfoConfig)
     pi.add_argument("--pool", required=True)
     pi.add_argument("--json", action="store_true")
-    pv = pl.add_parser("verify", help="check every component's sha256 and the file's structure")
+    pv = pool.add_parser("verify", help="check every component's sha256 and the file's structure")
+    pv.set_defaults(run=cmd_pool_verify, config=PoolVerifyConfig)
     pv.add_argument("--pool", required=True)
+
+    for name in EXTENSIONS:
+        importlib.import_module(f".{name}", __package__).add_commands(sub, pool)
     return p
-
-
-def _dispatch(args: argparse.Namespace) -> int:
-    from .build import BuildConfig
-
-    kw = {k: v for k, v in vars(args).items() if k not in ("command", "pool_command")}
-    if args.command == "build":
-        return cmd_build(BuildConfig(**kw))
-    if args.command == "tasks":
-        return cmd_tasks(TasksConfig(**kw))
-    if args.command == "query":
-        return cmd_query(QueryConfig(**kw))
-    if args.command == "pool":
-        if args.pool_command == "info":
-            return cmd_pool_info(PoolInfoConfig(**kw))
-        return cmd_pool_verify(PoolVerifyConfig(**kw))
-    raise AssertionError(args.command)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    kw = {k: v for k, v in vars(args).items() if k not in ("command", "pool_command", "run", "config")}
     try:
-        return _dispatch(args)
+        return args.run(args.config(**kw))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,5 @@
+"""Pool maintenance commands: add-task, remove-task, import-checkpoints (issue 3)."""
+
+
+def add_commands(sub, pool_sub) -> None:
+    """Register this module's sub-commands on the top-level ``sub`` (and ``pool_sub`` for ``pool ...``)."""

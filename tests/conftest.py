@@ -1,0 +1,25 @@
+"""Shared fixtures: one tiny synthetic pool, built once per test session through the real CLI."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from expertpool.cli import main
+
+
+@pytest.fixture(scope="session")
+def tiny_pool_path(tmp_path_factory):
+    """Path of a pool built with ``expertpool build --dataset synthetic --preset tiny`` (read-only use)."""
+    path = tmp_path_factory.mktemp("pool") / "tiny.db"
+    assert main(["build", "--dataset", "synthetic", "--preset", "tiny", "--pool", str(path), "--no-progress"]) == 0
+    return path
+
+
+@pytest.fixture
+def tiny_pool_copy(tiny_pool_path, tmp_path):
+    """A private copy of the tiny pool that a test may change."""
+    dst = tmp_path / "copy.db"
+    shutil.copy(tiny_pool_path, dst)
+    return dst
