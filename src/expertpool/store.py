@@ -13,7 +13,13 @@ Tables::
                                      with the same seed give byte-identical blobs.
 
 Each component is written in its own transaction (WAL mode: readers keep reading while a build writes).
-Every blob's sha256 is checked when it is read; nothing is unpickled.
+Every blob's sha256 is checked when it is read, and a read-only open checks every blob and the catalog's
+own hash (``meta.catalog_sha256``) up front, so a damaged file fails at once with one line
+``pool X is corrupt: ...`` (``PoolCorrupt``); nothing is unpickled. The catalog keeps the oracle's identity
+and hash (``catalog["oracle"]``), so a pool stripped of its oracle blob (``strip``) still names it.
+
+Test hook: with ``EXPERTPOOL_TEST_KILL_AFTER=<component name>`` in the environment, the process kills itself
+with SIGKILL right after that component's transaction commits (to test that builds resume bit-identically).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import signal
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,12 +109,16 @@ def _header(blob: bytes) -> dict:
 class Store:
     """Low-level access to a pool file. ``Pool`` (in ``pool.py``) is the friendly object on top."""
 
-    def __init__(self, path: str | os.PathLike, create: bool = False, readonly: bool = False):
+    def __init__(self, path: str | os.PathLike, create: bool = False, readonly: bool = False,
+                 check: bool | None = None):
+        """Open (or with ``create`` make) a pool file. ``check`` (default: on for read-only opens) verifies
+        every blob's sha256 and the catalog's hash now, so a damaged pool is refused before it is used."""
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise UserError(f"pool {self.path} does not exist (build one with `expertpool build`)")
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = None
         try:
             uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
             self.conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False, isolation_level=None)
@@ -121,13 +132,54 @@ class Store:
                     self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (_now(),))
             meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as e:
-            raise PoolCorrupt(f"pool {self.path} is corrupt or not a pool: {e}") from None
+            self._close_quietly()
+            raise PoolCorrupt(f"pool {self.path} is corrupt: not a readable expertpool pool ({e})") from None
+        except ValueError as e:  # e.g. a NUL in a text column
+            self._close_quietly()
+            raise PoolCorrupt(f"pool {self.path} is corrupt: {e}") from None
         if meta.get("format") != FORMAT:
-            raise PoolCorrupt(f"pool {self.path} is not an expertpool pool (no '{FORMAT}' marker)")
-        if int(meta.get("schema_version", 0)) > SCHEMA_VERSION:
-            raise UserError(f"pool {self.path} has schema {meta['schema_version']}; this expertpool reads "
+            self._close_quietly()
+            raise PoolCorrupt(f"pool {self.path} is corrupt: not an expertpool pool (no '{FORMAT}' marker)")
+        try:
+            version = int(meta.get("schema_version", 0))
+        except ValueError:
+            self._close_quietly()
+            raise PoolCorrupt(f"pool {self.path} is corrupt: bad schema version {meta.get('schema_version')!r}") from None
+        if version > SCHEMA_VERSION:
+            self._close_quietly()
+            raise UserError(f"pool {self.path} has schema {version}; this expertpool reads "
                             f"up to {SCHEMA_VERSION}: upgrade expertpool")
         self._meta = meta
+        if readonly if check is None else check:
+            try:
+                self.check()
+            except BaseException:
+                self._close_quietly()
+                raise
+
+    def _close_quietly(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+
+    def check(self) -> None:
+        """Raise ``PoolCorrupt`` unless the catalog and every blob match their hashes (no SQLite-level scan)."""
+        self.catalog  # noqa: B018  (checks the catalog's hash)
+        try:
+            cur = self.conn.execute("SELECT name, kind, task, sha256, weights, metrics FROM components")
+            for name, kind, task, digest, blob, metrics in cur:
+                self._checked_header(name, blob, digest, kind, task)
+                self._json(metrics, f"metrics of {name}")
+        except sqlite3.DatabaseError as e:
+            raise PoolCorrupt(f"pool {self.path} is corrupt: {e}") from None
+        except ValueError as e:
+            raise PoolCorrupt(f"pool {self.path} is corrupt: {e}") from None
+
+    def _json(self, text, what: str):
+        try:
+            return json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise PoolCorrupt(f"pool {self.path} is corrupt: {what} is not JSON ({e})") from None
 
     # ------------------------------------------------------------------ transactions and the catalog
     @contextlib.contextmanager
@@ -146,39 +198,71 @@ class Store:
             return self.conn.execute(sql, args).fetchall()
         except sqlite3.DatabaseError as e:
             raise PoolCorrupt(f"pool {self.path} is corrupt: {e}") from None
+        except ValueError as e:  # text that cannot be decoded
+            raise PoolCorrupt(f"pool {self.path} is corrupt: {e}") from None
 
     @property
     def catalog(self) -> dict:
-        rows = self._query("SELECT value FROM meta WHERE key = 'catalog'")
-        if not rows:
+        rows = dict(self._query("SELECT key, value FROM meta WHERE key IN ('catalog', 'catalog_sha256')"))
+        if "catalog" not in rows:
             return {}
-        try:
-            return json.loads(rows[0][0])
-        except json.JSONDecodeError as e:
-            raise PoolCorrupt(f"pool {self.path} is corrupt: catalog is not JSON ({e})") from None
+        text = rows["catalog"]
+        if "catalog_sha256" in rows and sha256(str(text).encode()) != rows["catalog_sha256"]:
+            raise PoolCorrupt(f"pool {self.path} is corrupt: the catalog fails its sha256 check")
+        catalog = self._json(text, "the catalog")
+        if not isinstance(catalog, dict):
+            raise PoolCorrupt(f"pool {self.path} is corrupt: the catalog is not a JSON object")
+        return catalog
+
+    def _write_catalog(self, catalog: dict) -> None:
+        """Inside a transaction: replace the catalog and its hash."""
+        text = json.dumps(catalog)
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('catalog', ?)", (text,))
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('catalog_sha256', ?)", (sha256(text.encode()),))
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('modified', ?)", (_now(),))
 
     def set_catalog(self, catalog: dict) -> None:
         with self.transaction():
-            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('catalog', ?)", (json.dumps(catalog),))
-            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('modified', ?)", (_now(),))
+            self._write_catalog(catalog)
+
+    def update_catalog(self, **changes) -> dict:
+        """Read-modify-write of the catalog in one transaction; returns the new catalog."""
+        with self.transaction():
+            catalog = {**self.catalog, **changes}
+            self._write_catalog(catalog)
+        return catalog
 
     def meta_value(self, key: str) -> str | None:
         return self._meta.get(key)
 
     # ------------------------------------------------------------------ components
     def put(self, name: str, kind: str, module: torch.nn.Module, meta: dict, metrics: dict | None = None,
-            task: str | None = None) -> str:
-        """Store (or replace) one component in its own transaction; returns its sha256."""
+            task: str | None = None, catalog: dict | None = None) -> str:
+        """Store (or replace) one component in its own transaction; returns its sha256. Storing the oracle
+        also records its identity and hash in the catalog (same transaction); ``catalog`` (optional)
+        replaces the catalog in that transaction too."""
         blob = serialize(module, meta)
         digest = sha256(blob)
+        metrics = metrics or {}
         with self.transaction():
             self.conn.execute("INSERT OR REPLACE INTO components VALUES (?, ?, ?, ?, ?, ?, ?)",
-                              (name, kind, task, digest, blob, json.dumps(metrics or {}), _now()))
+                              (name, kind, task, digest, blob, json.dumps(metrics), _now()))
+            if kind == "oracle" or catalog is not None:
+                catalog = dict(self.catalog if catalog is None else catalog)
+                if kind == "oracle":
+                    catalog["oracle"] = {"sha256": digest, "config": meta.get("config"), "source": meta.get("source"),
+                                         "params": metrics.get("params"), "metrics": metrics, "stored": True}
+                self._write_catalog(catalog)
+        if os.environ.get("EXPERTPOOL_TEST_KILL_AFTER") == name:  # test hook: die right after the commit
+            os.kill(os.getpid(), signal.SIGKILL)
         return digest
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, catalog: dict | None = None) -> None:
+        """Remove a component (and, when given, replace the catalog) in one transaction."""
         with self.transaction():
             self.conn.execute("DELETE FROM components WHERE name = ?", (name,))
+            if catalog is not None:
+                self._write_catalog(catalog)
 
     def names(self, kind: str | None = None) -> list[str]:
         if kind:
@@ -196,16 +280,24 @@ class Store:
             raise UserError(f"pool {self.path} has no component {name!r}")
         kind, task, digest, metrics, created, blob = rows[0]
         return {"name": name, "kind": kind, "task": task, "sha256": digest, "bytes": len(blob),
-                "meta": self._checked_header(name, blob, digest), "metrics": json.loads(metrics),
-                "created": created}
+                "meta": self._checked_header(name, blob, digest, kind, task),
+                "metrics": self._json(metrics, f"metrics of {name}"), "created": created}
 
-    def _checked_header(self, name: str, blob: bytes, digest: str) -> dict:
-        if sha256(blob) != digest:
+    def _checked_header(self, name: str, blob: bytes, digest: str, kind: str | None = None,
+                        task: str | None = None) -> dict:
+        """The blob's header metadata, after checking its hash and that the row agrees with it."""
+        if not isinstance(blob, bytes) or sha256(blob) != digest:
             raise PoolCorrupt(f"pool {self.path} is corrupt: {name} fails its sha256 check")
         try:
-            return _header(blob)
-        except (ValueError, UnicodeDecodeError) as e:
+            meta = _header(blob)
+        except (ValueError, UnicodeDecodeError, AttributeError) as e:
             raise PoolCorrupt(f"pool {self.path} is corrupt: {name} has an unreadable header ({e})") from None
+        if kind == "expert" and (meta.get("task") != task or name != expert_name(str(task))):
+            raise PoolCorrupt(f"pool {self.path} is corrupt: row {name!r} (task {task!r}) does not match its "
+                              f"blob's task {meta.get('task')!r}")
+        if kind is not None and kind != "expert" and name != kind:
+            raise PoolCorrupt(f"pool {self.path} is corrupt: row {name!r} has kind {kind!r}")
+        return meta
 
     def get(self, name: str) -> Component:
         rows = self._query("SELECT kind, task, sha256, weights, metrics, created FROM components WHERE name = ?",
@@ -213,20 +305,79 @@ class Store:
         if not rows:
             raise UserError(f"pool {self.path} has no component {name!r}")
         kind, task, digest, blob, metrics, created = rows[0]
-        meta = self._checked_header(name, blob, digest)
+        meta = self._checked_header(name, blob, digest, kind, task)
         try:
             tensors = st_load(blob)
         except Exception as e:  # safetensors raises its own error types for malformed bytes
             raise PoolCorrupt(f"pool {self.path} is corrupt: {name} cannot be read ({e})") from None
-        return Component(name, kind, task, digest, meta, tensors, json.loads(metrics), created)
+        return Component(name, kind, task, digest, meta, tensors, self._json(metrics, f"metrics of {name}"), created)
 
     def verify(self) -> list[str]:
-        """Check every blob's hash and the SQLite structure; returns the problems found."""
-        problems = [r[0] for r in self._query("PRAGMA integrity_check") if r[0] != "ok"]
-        for name, digest, blob in self._query("SELECT name, sha256, weights FROM components"):
-            if sha256(blob) != digest:
-                problems.append(f"{name}: sha256 mismatch")
+        """Check the SQLite structure, the catalog's hash, every blob's hash and header, and that every
+        expert was trained against the stored library; returns the problems found (empty: all good)."""
+        problems = [f"sqlite: {r[0]}" for r in self._query("PRAGMA integrity_check") if r[0] != "ok"]
+        try:
+            self.catalog  # noqa: B018
+        except PoolCorrupt as e:
+            problems.append(str(e).split(": ", 1)[-1])
+        library, experts = None, {}
+        for (name,) in self._query("SELECT name FROM components ORDER BY rowid"):
+            try:
+                s = self.summary(name)
+            except PoolCorrupt as e:
+                problems.append(str(e).split(" is corrupt: ", 1)[-1])
+                continue
+            if s["kind"] == "library":
+                library = s["sha256"]
+            elif s["kind"] == "expert":
+                experts[name] = s["meta"].get("library_sha256")
+        for name, lib in experts.items():
+            if lib != library:
+                problems.append(f"{name} was trained against library {str(lib)[:12]}, not the stored "
+                                f"library {str(library)[:12]}")
         return problems
 
     def close(self) -> None:
         self.conn.close()
+
+
+def strip(src: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """Write a copy of pool ``src`` without the oracle's weights (the catalog keeps its identity and hash),
+    VACUUMed and in rollback-journal mode, for shipping a small pool. Returns sizes and the oracle's hash."""
+    src, out = Path(src), Path(out)
+    if out.exists() and out.resolve() == src.resolve():
+        raise UserError("--out must be another file than --pool")
+    store = Store(src, readonly=True)
+    try:
+        oracle = store.summary("oracle") if store.has("oracle") else None
+        catalog = store.catalog
+        if out.exists():
+            out.unlink()
+        for suffix in ("-wal", "-shm"):
+            Path(f"{out}{suffix}").unlink(missing_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        dst = sqlite3.connect(out, isolation_level=None)
+        try:
+            store.conn.backup(dst)
+        except sqlite3.DatabaseError as e:
+            dst.close()
+            out.unlink(missing_ok=True)
+            raise PoolCorrupt(f"pool {src} is corrupt: {e}") from None
+        finally:
+            store.close()
+        dst.close()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            store.close()
+        raise
+    copy = Store(out, check=False)
+    if oracle is not None:
+        entry = {"sha256": oracle["sha256"], "config": oracle["meta"].get("config"),
+                 "source": oracle["meta"].get("source"), "params": oracle["metrics"].get("params"),
+                 "metrics": oracle["metrics"]}
+        copy.delete("oracle", {**catalog, "oracle": {**catalog.get("oracle", {}), **entry, "stored": False}})
+    copy.conn.execute("PRAGMA journal_mode=DELETE")
+    copy.conn.execute("VACUUM")
+    copy.close()
+    return {"pool": str(out), "bytes": out.stat().st_size, "source_bytes": src.stat().st_size,
+            "oracle_sha256": oracle["sha256"] if oracle else (catalog.get("oracle") or {}).get("sha256")}
