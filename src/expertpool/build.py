@@ -133,7 +133,7 @@ def build(cfg: BuildConfig) -> dict:
     store = Store(cfg.pool, create=True)
     catalog = make_catalog(cfg, data, hierarchy, rec)
     check_resume(store, catalog)
-    store.set_catalog({**store.catalog, **catalog})
+    store.set_catalog({**store.catalog, **catalog, "precision": "bf16" if runtime.bf16 else "fp32"})
     log(f"building pool {cfg.pool}: {cfg.dataset}, preset {cfg.preset}, {len(hierarchy.tasks)} tasks, "
         f"device {runtime.device}, {'bf16' if runtime.bf16 else 'fp32'}")
 
@@ -357,3 +357,92 @@ def pool_report(store: Store) -> dict:
         s = store.summary(name)
         out[name] = {"sha256": s["sha256"], **s["metrics"]}
     return out
+
+
+# --------------------------------------------------------------------------- incremental pools (issue 3)
+def recipe_from_json(d: dict) -> Recipe:
+    """The ``Recipe`` recorded in a pool's catalog."""
+    def tc(x: dict) -> TrainConfig:
+        return TrainConfig(**{**x, "milestones": tuple(x.get("milestones", ()))})
+
+    return Recipe(d["oracle"], d["library"], d["expert"], tc(d["oracle_train"]), tc(d["student_train"]),
+                  tc(d["expert_train"]), d.get("temperature", 4.0), d.get("alpha", 0.3), d.get("student_views", 0),
+                  d.get("expert_views", 0), tuple(d.get("loss_terms", ("soft", "scale"))))
+
+
+def _class_ids(refs: list, classes: list[str]) -> list[int]:
+    """Class references (names, or indices as ints or digit strings) -> indices."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for r in refs:
+        if isinstance(r, str) and r in index:
+            out.append(index[r])
+        elif isinstance(r, int) or (isinstance(r, str) and r.isdigit()):
+            out.append(int(r))
+        else:
+            raise UserError(f"unknown class {r!r}; give class names or indices 0..{len(classes) - 1}")
+    return out
+
+
+def add_task(pool_path: str, name: str, classes: list, data_root: str | None = None, device: str = "auto",
+             precision: str | None = None, progress: bool = True) -> dict:
+    """Extract the expert of a new primitive task into an existing pool, with the oracle, data, seed and
+    recipe recorded in its catalog; every other component is left as it is. The task is first added to
+    the catalog's hierarchy, then its expert is stored in its own transaction, so an interrupted add-task
+    is finished by running it again. Seeded by the run seed and the task's name, so removing and adding
+    back a task gives back the same expert, bit for bit."""
+    store = Store(pool_path)
+    try:
+        cat = store.catalog
+        if "hierarchy" not in cat or "recipe" not in cat:
+            raise UserError(f"pool {pool_path} has no build catalog (add tasks to pools made by `expertpool build`)")
+        if not store.has("oracle"):
+            raise UserError(f"pool {pool_path} has no oracle weights (stripped or imported): add-task needs the "
+                            "oracle; add the task to the full pool, then strip it again")
+        if not store.has("library"):
+            raise UserError(f"pool {pool_path} has no library yet: finish its build first")
+        hierarchy = Hierarchy.from_json(cat["hierarchy"])
+        ids = _class_ids(list(classes), hierarchy.classes)
+        if name in hierarchy.tasks:
+            if store.has(expert_name(name)):
+                raise UserError(f"task {name!r} already has an expert in pool {pool_path} (remove-task it first)")
+            if hierarchy.tasks[name] != ids:
+                raise UserError(f"task {name!r} is already in the hierarchy with classes {hierarchy.tasks[name]}")
+        else:
+            hierarchy = hierarchy.with_task(name, ids)
+        runtime = resolve_runtime(device, precision or cat.get("precision", "auto"), progress)
+        dataset = cat["dataset"]
+        image_size = cat["input"]["shape"][-1] if dataset == "imagefolder" else None
+        data = load_data(dataset, data_root or cat.get("data_root"), image_size=image_size)
+        if len(data.classes) != len(hierarchy.classes) or list(data.input_shape) != list(cat["input"]["shape"]):
+            raise UserError(f"data set {dataset} at {data_root or cat.get('data_root')} does not match the pool "
+                            f"({len(data.classes)} classes, input {list(data.input_shape)})")
+        store.update_catalog(hierarchy=hierarchy.to_json())
+        log(f"add-task {name}: classes {[hierarchy.classes[c] for c in ids]}")
+        oracle, library = store.get("oracle").build(), store.get("library").build()
+        extract_experts(store, data, hierarchy, recipe_from_json(cat["recipe"]), cat["seed"], runtime, oracle,
+                        library, [name])
+        s = store.summary(expert_name(name))
+        return {"pool": str(store.path), "task": name, "classes": s["meta"].get("class_names"),
+                "sha256": s["sha256"], "metrics": s["metrics"]}
+    finally:
+        store.close()
+
+
+def remove_task(pool_path: str, name: str) -> dict:
+    """Remove a task's expert and the task itself from the pool's hierarchy, in one transaction."""
+    store = Store(pool_path)
+    try:
+        cat = store.catalog
+        if "hierarchy" not in cat:
+            raise UserError(f"pool {pool_path} has no catalog yet")
+        hierarchy = Hierarchy.from_json(cat["hierarchy"])
+        if name not in hierarchy.tasks:
+            raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(hierarchy.tasks)}")
+        if len(hierarchy.tasks) == 1:
+            raise UserError(f"task {name!r} is the pool's only task; a pool needs at least one")
+        had = store.summary(expert_name(name))["sha256"] if store.has(expert_name(name)) else None
+        store.delete(expert_name(name), {**cat, "hierarchy": hierarchy.without_task(name).to_json()})
+        return {"pool": str(store.path), "removed": name, "sha256": had}
+    finally:
+        store.close()

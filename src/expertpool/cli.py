@@ -109,25 +109,39 @@ class PoolInfoConfig:
 
 
 def pool_info(path: str) -> dict:
+    """The ``pool info --json`` answer: ``{"library": {...} or null, "experts": [{"task", "classes", "sha256",
+    "params", "metrics", ...}], "oracle": {...} or null, ...}`` (a stripped pool's oracle comes from the
+    catalog, with ``"stored": false``)."""
     from .store import Store
 
     store = Store(path, readonly=True)
-    cat = store.catalog
-    info = {"pool": str(store.path), "format": store.meta_value("format"),
-            "schema_version": int(store.meta_value("schema_version") or 0), "created": store.meta_value("created"),
-            "dataset": cat.get("dataset"), "preset": cat.get("preset"), "seed": cat.get("seed"),
-            "software_version": cat.get("software_version"), "input": cat.get("input"),
-            "oracle": None, "library": None, "experts": []}
-    for name in store.names():
-        s = store.summary(name)
-        entry = {"sha256": s["sha256"], "bytes": s["bytes"], "params": s["metrics"].get("params"),
-                 "metrics": s["metrics"], "created": s["created"], "config": s["meta"].get("config")}
-        if s["kind"] == "expert":
-            info["experts"].append({"task": s["task"], "classes": s["meta"].get("class_names"),
-                                    "library_sha256": s["meta"].get("library_sha256"), **entry})
-        else:
-            info[s["kind"]] = entry
-    return info
+    try:
+        cat = store.catalog
+        hierarchy = cat.get("hierarchy") or {}
+        info = {"pool": str(store.path), "format": store.meta_value("format"),
+                "schema_version": int(store.meta_value("schema_version") or 0),
+                "created": store.meta_value("created"), "modified": store.meta_value("modified"),
+                "dataset": cat.get("dataset"), "preset": cat.get("preset"), "seed": cat.get("seed"),
+                "precision": cat.get("precision"), "software_version": cat.get("software_version"),
+                "input": cat.get("input"), "hierarchy": hierarchy.get("name"),
+                "oracle": None, "library": None, "experts": []}
+        for name in store.names():
+            s = store.summary(name)
+            entry = {"sha256": s["sha256"], "bytes": s["bytes"], "params": s["metrics"].get("params"),
+                     "metrics": s["metrics"], "created": s["created"], "config": s["meta"].get("config")}
+            if s["kind"] == "expert":
+                info["experts"].append({"task": s["task"], "classes": s["meta"].get("class_names"),
+                                        "class_ids": s["meta"].get("classes"),
+                                        "library_sha256": s["meta"].get("library_sha256"), **entry})
+            else:
+                info[s["kind"]] = {**entry, "stored": True} if s["kind"] == "oracle" else entry
+        if info["oracle"] is None and cat.get("oracle"):
+            info["oracle"] = {**cat["oracle"], "stored": False}
+        have = {e["task"] for e in info["experts"]}
+        info["tasks_without_expert"] = [t for t in hierarchy.get("tasks", {}) if t not in have]
+        return info
+    finally:
+        store.close()
 
 
 def cmd_pool_info(cfg: PoolInfoConfig) -> int:
@@ -137,11 +151,17 @@ def cmd_pool_info(cfg: PoolInfoConfig) -> int:
         return 0
     print(f"pool {info['pool']} ({info['dataset']}, preset {info['preset']}, seed {info['seed']})")
     for kind in ("oracle", "library"):
-        if info[kind]:
-            print(f"  {kind:8s} {info[kind]['sha256'][:12]}  {info[kind]['params']:>10,} params  {info[kind]['metrics']}")
+        c = info[kind]
+        if c:
+            where = "" if c.get("stored", True) else "  (not stored: stripped)"
+            print(f"  {kind:8s} {c['sha256'][:12]}  {c.get('params') or 0:>10,} params  {c.get('metrics')}{where}")
+        else:
+            print(f"  {kind:8s} none")
     for e in info["experts"]:
-        print(f"  expert   {e['sha256'][:12]}  {e['params']:>10,} params  {e['task']}: "
+        print(f"  expert   {e['sha256'][:12]}  {e['params'] or 0:>10,} params  {e['task']}: "
               f"accuracy {e['metrics'].get('accuracy')} %")
+    if info["tasks_without_expert"]:
+        print(f"  tasks without an expert: {', '.join(info['tasks_without_expert'])}")
     return 0
 
 
@@ -151,14 +171,19 @@ class PoolVerifyConfig:
 
 
 def cmd_pool_verify(cfg: PoolVerifyConfig) -> int:
+    """Check the SQLite structure, the catalog's hash, every blob's hash and every expert's library hash."""
     from .errors import PoolCorrupt
     from .store import Store
 
-    store = Store(cfg.pool, readonly=True)
-    problems = store.verify()
+    store = Store(cfg.pool, readonly=True, check=False)
+    try:
+        problems = store.verify()
+        n = len(store.names())
+    finally:
+        store.close()
     if problems:
         raise PoolCorrupt(f"pool {cfg.pool} is corrupt: {'; '.join(problems)}")
-    print(f"pool {cfg.pool}: {len(store.names())} components, all hashes ok")
+    print(f"pool {cfg.pool}: {n} components, all hashes ok")
     return 0
 
 
