@@ -135,7 +135,7 @@ def load_fashion_mnist(root: str | None = None) -> ImageData:
             p = Path(root, name)
             if p.is_file():
                 raw = gzip.open(p).read() if name.endswith(".gz") else p.read_bytes()
-                return np.frombuffer(raw, dtype=np.uint8, offset=offset)
+                return np.frombuffer(raw, dtype=np.uint8, offset=offset).copy()
         raise UserError(f"Fashion-MNIST file {stem}[.gz] not found in {root}")
 
     mean, std, aug = (0.2860,), (0.3530,), Augment(pad=2, flip=True)
@@ -169,15 +169,16 @@ def load_cifar100(root: str | None) -> ImageData:
 
 
 def _read_images(paths: list[Path], size: int | None) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import resize
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
 
     out = []
     for p in paths:
-        img = decode_image(str(p), mode=ImageReadMode.RGB)
-        if size and tuple(img.shape[1:]) != (size, size):
-            img = resize(img, [size, size], antialias=True)
-        out.append(img)
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if size and im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            out.append(pil_to_tensor(im))
     if len({tuple(t.shape) for t in out}) > 1:
         raise UserError("images differ in size; pass --image-size N to resize them")
     return torch.stack(out)
