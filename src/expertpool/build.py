@@ -292,8 +292,12 @@ def stage_library(store: Store, data: ImageData, rec: Recipe, cfg: BuildConfig, 
 
 
 def extract_experts(store: Store, data: ImageData, hierarchy: Hierarchy, rec: Recipe, seed: int,
-                    runtime: Runtime, oracle: nn.Module, library: nn.Module, tasks: list[str]) -> None:
-    """Train (by L_CKD on the frozen library) the expert of every task in ``tasks`` not yet in the pool."""
+                    runtime: Runtime, oracle: nn.Module, library: nn.Module, tasks: list[str],
+                    views: list | None = None) -> None:
+    """Train (by L_CKD on the frozen library) the expert of every task in ``tasks`` not yet in the pool.
+
+    ``views``: precomputed ``[[library features, oracle logits], ...]`` per view (e.g. shared by several
+    pools with the same library, as in the loss ablation); computed here when None."""
     todo = [t for t in tasks if not store.has(expert_name(t))]
     if not todo:
         log("experts: all found in pool")
@@ -302,7 +306,9 @@ def extract_experts(store: Store, data: ImageData, hierarchy: Hierarchy, rec: Re
     tc, T, alpha = rec.expert_train, rec.temperature, rec.alpha
     soft, scale = "soft" in rec.loss_terms, "scale" in rec.loss_terms
     t0 = time.perf_counter()
-    if rec.expert_views:
+    if rec.expert_views and views is not None:
+        log(f"experts: reusing {len(views)} precomputed views of library features and oracle logits")
+    elif rec.expert_views:
         views = cached_views(data.train, rec.expert_views, seed, 1000, [library, oracle], runtime)
         views = [[f.to(torch.bfloat16) if runtime.bf16 else f, t] for f, t, _ in views]
         log(f"experts: library features and oracle logits for {rec.expert_views} views in "
