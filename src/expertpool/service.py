@@ -146,7 +146,8 @@ class ModelService:
         self.specs: collections.OrderedDict[str, dict] = collections.OrderedDict()  # id -> query, to rebuild
         self.specs_dir = Path(specs_dir) if specs_dir else None  # shared by the workers of one server
         self.exporter = Exporter()
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # one build at a time (composition and export)
+        self.cache_lock = threading.Lock()  # short: cache look-ups never wait for a build
         self.spec = pool.input_spec
 
     def describe(self) -> dict:
@@ -158,6 +159,7 @@ class ModelService:
         with self.lock:
             tasks = self.pool.tasks
             if tasks:
+                self.pool.compose(tasks)
                 self.exporter.onnx_bytes(self.pool.compose(tasks[:1]), self.spec)
 
     # ----------------------------------------------------------- resolving a query
@@ -188,13 +190,23 @@ class ModelService:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
     # ----------------------------------------------------------- building and caching
-    def query(self, req: ModelRequest) -> dict:
-        with self.lock:
-            tasks, keep = self._resolve(req)
-            mid = self.model_id(tasks, keep, req.format)
-            if mid in self.cache:
+    def _cached(self, mid: str) -> dict | None:
+        with self.cache_lock:
+            entry = self.cache.get(mid)
+            if entry is not None:
                 self.cache.move_to_end(mid)
-                return {**self.cache[mid]["answer"], "cached": True}
+            return entry
+
+    def query(self, req: ModelRequest) -> dict:
+        tasks, keep = self._resolve(req)  # components are loaded at start (warm), so this only reads
+        mid = self.model_id(tasks, keep, req.format)
+        entry = self._cached(mid)
+        if entry is not None:
+            return {**entry["answer"], "cached": True}
+        with self.lock:
+            entry = self._cached(mid)  # built by another request while this one waited
+            if entry is not None:
+                return {**entry["answer"], "cached": True}
             entry = self._build(mid, tasks, keep, req.format)
             return {**entry["answer"], "cached": False}
 
@@ -216,11 +228,12 @@ class ModelService:
                   "artifact": {"url": f"/v1/models/{mid}/artifact", "sha256": hashlib.sha256(blob).hexdigest(),
                                "bytes": len(blob), "format": fmt, "filename": f"model-{mid[:12]}{SUFFIX[fmt]}"}}
         entry = {"model": model, "blob": blob, "answer": answer}
-        self.cache[mid] = entry
+        with self.cache_lock:
+            self.cache[mid] = entry
+            while len(self.cache) > self.cache_size or (
+                    len(self.cache) > 1 and sum(len(e["blob"]) for e in self.cache.values()) > self.cache_bytes):
+                self.cache.popitem(last=False)
         self._remember(mid, {"tasks": tasks, "keep": keep, "format": fmt})
-        while len(self.cache) > self.cache_size or (
-                len(self.cache) > 1 and sum(len(e["blob"]) for e in self.cache.values()) > self.cache_bytes):
-            self.cache.popitem(last=False)
         return entry
 
     def _remember(self, mid: str, spec: dict) -> None:
@@ -236,10 +249,13 @@ class ModelService:
         """The cache entry of ``mid``, rebuilt when it was evicted (or built by another worker); 404 if unknown."""
         if not ID_RE.match(mid):
             raise ServiceError(f"unknown model id {mid!r}", 404)
+        entry = self._cached(mid)
+        if entry is not None:
+            return entry
         with self.lock:
-            if mid in self.cache:
-                self.cache.move_to_end(mid)
-                return self.cache[mid]
+            entry = self._cached(mid)
+            if entry is not None:
+                return entry
             spec = self.specs.get(mid)
             if spec is None and self.specs_dir is not None:  # the id is 32 hex digits: a safe file name
                 f = self.specs_dir / f"{mid}.json"
