@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .baselines import METHODS, Context, build_poe, run_method, schedules, score
+from .baselines import FRONT_METHODS, METHODS, Context, build_poe, run_method, schedules, score
 from .build import BuildConfig, build as build_pool, component_seed, extract_experts, log, recipe
 from .calibrate import fit_calibration
 from .data import load as load_data
@@ -190,9 +190,12 @@ def run(cfg: ExperimentConfig) -> dict:
     ctx, out, work = setup(cfg)
     cells = Cells(work / "cells.jsonl", fingerprint(ctx, cfg))
     qs = queries(ctx.pool.tasks, cfg.max_tasks, cfg.max_queries, cfg.seed)
-    todo = [(m, q) for m in methods for q in qs]
+    # cheap methods first, then the frozen-library heads, the ablation, and the front-training methods last
+    order = [m for m in METHODS if m in methods and m not in FRONT_METHODS]
     if cfg.ablation:
-        todo += [(f"poe[{v}]", q) for v in ("soft", "scale") for q in qs if len(q) >= 2]
+        order += ["poe[soft]", "poe[scale]"]
+    order += [m for m in METHODS if m in methods and m in FRONT_METHODS]
+    todo = [(m, q) for m in order for q in qs if not m.startswith("poe[") or len(q) >= 2]
     left = [(m, q) for m, q in todo if cell_key(m, q) not in cells]
     log(f"experiment: {len(qs)} queries x {len(methods)} methods (+ ablation): {len(todo) - len(left)} cells "
         f"cached, {len(left)} to run")
@@ -209,6 +212,8 @@ def run(cfg: ExperimentConfig) -> dict:
             result = run_method(ctx, method, q)
         cells.add({"key": cell_key(method, q), "method": method, "tasks": q, "n_tasks": len(q), **result})
         log(f"{cell_key(method, q)}: accuracy {result['accuracy']:.2f} %, built in {result['build_seconds']:.3f} s")
+        if (method, q) == [c for c in left if c[0] == method][-1]:  # a method finished: tables so far
+            write_results(ctx, cfg, cells, methods, qs, out, work, time.perf_counter() - started)
     bar.close()
     report = write_results(ctx, cfg, cells, methods, qs, out, work, time.perf_counter() - started)
     ctx.pool.close()
@@ -424,7 +429,10 @@ def summary_markdown(ctx: Context, cfg: ExperimentConfig, cells: Cells, mrows: l
          f"- Command: `{command_line(cfg)}`",
          f"- Machine: {machine()}",
          f"- Generated: {time.strftime('%Y-%m-%d %H:%M %Z')}; this invocation ran {seconds / 60:.1f} min "
-         f"(cells cached by earlier invocations are reused, see `{work}/cells.jsonl`)",
+         f"(cells cached by earlier invocations are reused, see `{work}/cells.jsonl`); building the models of all "
+         f"{len(cells.cells)} cells took {sum(c['build_seconds'] for c in cells.cells.values()) / 60:.1f} min "
+         f"in all; load average when written: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} "
+         "(a shared machine: build times of training methods grow with the load)",
          f"- Pool: `{ctx.pool.path}` (preset `{cat.get('preset')}`, seed {cat.get('seed')}, pool build "
          f"{cat.get('build_seconds_last_run', '?')} s in its last run)",
          f"- **Oracle accuracy** (all {len(ctx.pool.classes)} classes, test split): "
