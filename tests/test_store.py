@@ -257,3 +257,13 @@ def test_copy_of_pool_round_trips(tiny_pool_path, tmp_path):
     dst = tmp_path / "c.db"
     shutil.copy(tiny_pool_path, dst)
     assert _hashes(dst) == _hashes(tiny_pool_path)
+
+
+def test_blobs_are_canonical_across_processes():
+    """safetensors writes its metadata in a per-process hash order; our blobs must not depend on it."""
+    code = ("import torch; from expertpool.nets import WRNExpert; from expertpool.store import serialize, sha256;"
+            "torch.manual_seed(0); m = {k: k * 3 for k in 'abcdefghij'};"
+            "print(sha256(serialize(WRNExpert(3, 32, 10), {'config': {'arch': 'wrn_expert'}, **m})))")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+               for _ in range(3)}
+    assert len(digests) == 1

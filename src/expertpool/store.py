@@ -91,9 +91,29 @@ class Component:
 
 
 def serialize(module: torch.nn.Module, meta: dict) -> bytes:
-    """safetensors bytes of a module's state dict; ``meta`` goes into the header as JSON strings."""
+    """safetensors bytes of a module's state dict; ``meta`` goes into the header as JSON strings.
+
+    The bytes are canonical (a function of the tensors and ``meta`` only): the safetensors library writes
+    its header's metadata in a hash-map order that changes from process to process, so the header is
+    rewritten with sorted keys; this is what makes equal components have equal sha256s across runs."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    return st_save(tensors, metadata={k: json.dumps(v, sort_keys=True) for k, v in meta.items()})
+    return canonical(st_save(tensors, metadata={k: json.dumps(v, sort_keys=True) for k, v in meta.items()}))
+
+
+def canonical(blob: bytes) -> bytes:
+    """The same safetensors file with a deterministic header: metadata sorted by key, tensor entries in
+    data order, compact JSON padded with spaces to a multiple of 8 bytes (as the format asks)."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    out = {}
+    if meta is not None:
+        out["__metadata__"] = dict(sorted(meta.items()))
+    for k in sorted(header, key=lambda k: (header[k]["data_offsets"][0], k)):
+        out[k] = header[k]
+    text = json.dumps(out, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
 
 
 def sha256(blob: bytes) -> str:
