@@ -118,7 +118,7 @@ def test_runner_writes_tables_and_resumes_without_training(tiny_pool_copy, tmp_p
         assert (out / name).stat().st_size > 0
     assert "Oracle accuracy" in (out / "summary.md").read_text()
     cells = (out / "work" / "cells.jsonl").read_text().splitlines()
-    assert len(cells) == 1 + 4 * 2 + 2  # fingerprint, 4 methods x 2 queries, soft + scale at n(Q)=2
+    assert len(cells) == 4 * 2 + 2  # 4 methods x 2 queries, soft + scale at n(Q)=2
 
     # a second run reuses every cell: no training, no feature cache, same tables
     def boom(*a, **k):
@@ -131,7 +131,7 @@ def test_runner_writes_tables_and_resumes_without_training(tiny_pool_copy, tmp_p
     assert main(args) == 0
     assert ((out / "methods.csv").read_text(), (out / "cross_expert.csv").read_text()) == before
     assert (out / "work" / "cells.jsonl").read_text().splitlines() == cells
-    assert json.loads(cells[1])["key"].startswith("oracle|")
+    assert json.loads(cells[0])["key"].startswith("oracle|")
 
 
 def test_queries_are_sampled_per_n_with_the_seed():

@@ -13,6 +13,7 @@ The test split is used only to score finished models; nothing is selected or tun
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -75,20 +76,24 @@ def cell_key(method: str, tasks: list[str]) -> str:
 
 
 class Cells:
-    """Finished cells, one JSON line each; the file's first line fingerprints the setup they belong to."""
+    """Finished cells, one JSON line each (appended as they finish, so several processes may share the file).
 
-    def __init__(self, path: Path, fingerprint: dict):
+    Each cell carries a fingerprint of exactly what it used (the setup and the hashes of the pool components
+    it depends on), so a cell is redone only when one of those changed: rebuilding one expert redoes only
+    the cells of queries that include it, and a method that needs no pool (Scratch) can run before the
+    pool is finished."""
+
+    def __init__(self, path: Path):
         self.path = path
         self.cells: dict[str, dict] = {}
         if path.is_file():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if lines and lines[0].get("fingerprint") != fingerprint:
-                raise UserError(f"{path} holds results of another setup (pool, preset, seed or schedules differ); "
-                                "choose another --work directory or delete it")
-            self.cells = {c["key"]: c for c in lines[1:]}
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    c = json.loads(line)
+                    self.cells[c["key"]] = c
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+            path.touch()
 
     def __contains__(self, key: str) -> bool:
         return key in self.cells
@@ -97,6 +102,27 @@ class Cells:
         self.cells[cell["key"]] = cell
         with self.path.open("a") as f:
             f.write(json.dumps(cell) + "\n")
+
+
+def _sha(ctx: Context, name: str) -> str:
+    return ctx.pool.store.summary(name)["sha256"] if ctx.pool.store.has(name) else "missing"
+
+
+def cell_fingerprint(ctx: Context, cfg: ExperimentConfig, method: str, tasks: list[str]) -> str:
+    """A hash of the setup and of the pool components ``method`` uses for ``tasks``."""
+    deps: dict = {"dataset": cfg.dataset, "preset": cfg.preset, "seed": cfg.seed,
+                  "schedules": ctx.schedules.to_json(), "pool_seed": ctx.pool.catalog.get("seed")}
+    if method != "scratch":
+        deps["library"] = _sha(ctx, "library")
+    if method in ("oracle", "ckd", "poe_calibrated") or method.startswith("poe["):
+        deps["oracle"] = _sha(ctx, "oracle")
+    if method in ("poe", "uhc", "sd"):
+        deps["experts"] = [_sha(ctx, expert_name(t)) for t in tasks]
+    if method == "poe_calibrated":  # the calibration is fitted on all of the pool's experts
+        deps["experts"] = [_sha(ctx, expert_name(t)) for t in ctx.hierarchy.tasks]
+    if method.startswith("poe["):
+        deps["expert_train"] = ctx.recipe.expert_train.to_json()
+    return hashlib.sha256(json.dumps(deps, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- ablation pools
@@ -142,8 +168,6 @@ def setup(cfg: ExperimentConfig) -> tuple[Context, Path, Path]:
         raise UserError(f"pool {pool_path} is a {cat.get('dataset')} pool, not {cfg.dataset}")
     if cat.get("preset") != cfg.preset:
         raise UserError(f"pool {pool_path} was built with preset {cat.get('preset')}, not {cfg.preset}")
-    if len(pool.tasks) != len(pool.hierarchy.tasks):
-        raise UserError(f"pool {pool_path} is not finished: {len(pool.tasks)} of {len(pool.hierarchy.tasks)} experts")
     rec = recipe(cfg.dataset, cfg.preset)
     runtime = resolve_runtime(cfg.device, cfg.precision, cfg.progress)
     eval_runtime = Runtime(runtime.device, False, False)
@@ -152,12 +176,21 @@ def setup(cfg: ExperimentConfig) -> tuple[Context, Path, Path]:
     return ctx, out, work
 
 
-def fingerprint(ctx: Context, cfg: ExperimentConfig) -> dict:
-    fp = {"pool_library": ctx.pool.library_sha256(),
-          "experts": {t: ctx.pool.store.summary(expert_name(t))["sha256"] for t in ctx.pool.tasks},
-          "dataset": cfg.dataset, "preset": cfg.preset, "seed": cfg.seed, "schedules": ctx.schedules.to_json(),
-          "expert_train": ctx.recipe.expert_train.to_json()}
-    return json.loads(json.dumps(fp))  # as it reads back from the file
+def check_ready(ctx: Context, methods: list[str], ablation: bool) -> None:
+    """Every method needs some of the pool: say which part is missing before any work starts."""
+    store = ctx.pool.store
+    needs = set()
+    if any(m != "scratch" for m in methods) or ablation:
+        needs.add("library")
+    if {"oracle", "ckd", "poe_calibrated"} & set(methods) or ablation:
+        needs.add("oracle")
+    if {"poe", "poe_calibrated", "uhc", "sd"} & set(methods):
+        needs |= {expert_name(t) for t in ctx.hierarchy.tasks}
+    missing = sorted(n for n in needs if not store.has(n))
+    if missing:
+        raise UserError(f"pool {ctx.pool.path} lacks {', '.join(missing)} (its build is not finished); "
+                        "finish the build, or run only methods that do not need them (e.g. --methods scratch "
+                        "--no-ablation)")
 
 
 def calibration(ctx: Context, work: Path) -> dict:
@@ -188,14 +221,18 @@ def run(cfg: ExperimentConfig) -> dict:
         raise UserError(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(METHODS)}")
     started = time.perf_counter()
     ctx, out, work = setup(cfg)
-    cells = Cells(work / "cells.jsonl", fingerprint(ctx, cfg))
-    qs = queries(ctx.pool.tasks, cfg.max_tasks, cfg.max_queries, cfg.seed)
+    check_ready(ctx, methods, cfg.ablation)
+    cells = Cells(work / "cells.jsonl")
+    qs = queries(list(ctx.hierarchy.tasks), cfg.max_tasks, cfg.max_queries, cfg.seed)
     # cheap methods first, then the frozen-library heads, the ablation, and the front-training methods last
     order = [m for m in METHODS if m in methods and m not in FRONT_METHODS]
     if cfg.ablation:
         order += ["poe[soft]", "poe[scale]"]
     order += [m for m in METHODS if m in methods and m in FRONT_METHODS]
     todo = [(m, q) for m in order for q in qs if not m.startswith("poe[") or len(q) >= 2]
+    fps = {(m, tuple(q)): cell_fingerprint(ctx, cfg, m, q) for m, q in todo}
+    cells.cells = {k: c for k, c in cells.cells.items()  # only cells still valid for this run
+                   if c.get("fp") is not None and c["fp"] == fps.get((c["method"], tuple(c["tasks"])))}
     left = [(m, q) for m, q in todo if cell_key(m, q) not in cells]
     log(f"experiment: {len(qs)} queries x {len(methods)} methods (+ ablation): {len(todo) - len(left)} cells "
         f"cached, {len(left)} to run")
@@ -206,11 +243,12 @@ def run(cfg: ExperimentConfig) -> dict:
             ctx.calibration = calibration(ctx, work)
         if method.startswith("poe["):
             variant = method[4:-1]
-            needed = sorted({t for m, qq in left if m == method for t in qq}, key=ctx.pool.tasks.index)
+            needed = sorted({t for m, qq in left if m == method for t in qq}, key=list(ctx.hierarchy.tasks).index)
             result = score(ctx, q, build_poe(ctx, q, pool_path=str(ablation_pool(ctx, variant, work, needed))))
         else:
             result = run_method(ctx, method, q)
-        cells.add({"key": cell_key(method, q), "method": method, "tasks": q, "n_tasks": len(q), **result})
+        cells.add({"key": cell_key(method, q), "fp": fps[(method, tuple(q))], "method": method, "tasks": q,
+                   "n_tasks": len(q), **result})
         log(f"{cell_key(method, q)}: accuracy {result['accuracy']:.2f} %, built in {result['build_seconds']:.3f} s")
         if (method, q) == [c for c in left if c[0] == method][-1]:  # a method finished: tables so far
             write_results(ctx, cfg, cells, methods, qs, out, work, time.perf_counter() - started)
@@ -417,7 +455,7 @@ def summary_markdown(ctx: Context, cfg: ExperimentConfig, cells: Cells, mrows: l
     cat = ctx.pool.catalog
     store = ctx.pool.store
     oracle_m = store.summary("oracle")["metrics"] if store.has("oracle") else {}
-    library_m = store.summary("library")["metrics"]
+    library_m = store.summary("library")["metrics"] if store.has("library") else {}
     experts = {t: store.summary(expert_name(t))["metrics"].get("accuracy") for t in ctx.pool.tasks}
     rec, sch = ctx.recipe, ctx.schedules
     calib = json.loads((work / "calibration.json").read_text()) if (work / "calibration.json").is_file() else None
