@@ -140,3 +140,31 @@ def test_queries_are_sampled_per_n_with_the_seed():
     qs = experiment.queries(tasks, 5, 3, 0)
     assert [len(q) for q in qs] == [1] * 3 + [2] * 3 + [3] * 3 + [4] * 3 + [5]
     assert qs == experiment.queries(tasks, 5, 3, 0) and qs != experiment.queries(tasks, 5, 3, 1)
+
+
+def test_runner_redoes_only_the_cells_of_a_changed_expert(tiny_pool_copy, tmp_path, monkeypatch):
+    from expertpool.store import Store, expert_name
+
+    out = tmp_path / "results"
+    args = ["experiment", "--dataset", "synthetic", "--preset", "tiny", "--pool", str(tiny_pool_copy),
+            "--out", str(out), "--max-queries", "1", "--max-tasks", "2", "--methods", "oracle", "poe", "uhc",
+            "--no-ablation", "--no-progress"]
+    monkeypatch.setattr(experiment, "schedules", lambda preset, rec: Schedules(FAST, TrainConfig(1, batch_size=256)))
+    assert main(args) == 0
+    first = [json.loads(line) for line in (out / "work" / "cells.jsonl").read_text().splitlines()]
+    changed = first[0]["tasks"][0]  # the task of the n(Q)=1 query
+    store = Store(tiny_pool_copy)
+    c = store.get(expert_name(changed))
+    expert = c.build()
+    with torch.no_grad():
+        expert.fc.bias += 1.0
+    store.put(c.name, "expert", expert, c.meta, c.metrics, task=changed)
+    store.close()
+    calls = []
+    real_fit = baselines.fit
+    monkeypatch.setattr(baselines, "fit", lambda *a, **k: calls.append(a[6]) or real_fit(*a, **k))
+    assert main(args) == 0
+    redone = [json.loads(line) for line in (out / "work" / "cells.jsonl").read_text().splitlines()][len(first):]
+    expected = {(c["method"], tuple(c["tasks"])) for c in first if c["method"] != "oracle" and changed in c["tasks"]}
+    assert {(c["method"], tuple(c["tasks"])) for c in redone} == expected
+    assert len(calls) == sum(1 for m, _ in expected if m == "uhc")

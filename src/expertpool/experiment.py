@@ -196,10 +196,11 @@ def check_ready(ctx: Context, methods: list[str], ablation: bool) -> None:
 def calibration(ctx: Context, work: Path) -> dict:
     """Fitted once per pool on unlabeled training images (the cached views); kept in ``work``."""
     path = work / "calibration.json"
-    fp = ctx.pool.library_sha256()
+    parts = ["library", "oracle", *(expert_name(t) for t in ctx.hierarchy.tasks)]
+    fp = hashlib.sha256(" ".join(_sha(ctx, n) for n in parts).encode()).hexdigest()[:16]
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("library_sha256") == fp:
+        if saved.get("fingerprint") == fp:  # same library, oracle and experts
             return saved["params"]
     t0 = time.perf_counter()
     views = ctx.views
@@ -208,7 +209,7 @@ def calibration(ctx: Context, work: Path) -> dict:
                              views.oracle_logits, ctx.runtime)
     seconds = round(time.perf_counter() - t0, 2)
     log(f"calibration fitted in {seconds} s: {params}")
-    path.write_text(json.dumps({"library_sha256": fp, "params": params, "fit_seconds": seconds}, indent=1))
+    path.write_text(json.dumps({"fingerprint": fp, "params": params, "fit_seconds": seconds}, indent=1))
     return params
 
 
