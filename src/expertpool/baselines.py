@@ -86,11 +86,12 @@ class FeatureViews:
         n = len(data.train) * views
         t0 = time.perf_counter()
         lib = cached_views(data.train, views, seed, 1000, [library], runtime)
+        for v in lib:  # bf16 features halve the memory (as the pool's own expert training does)
+            v[0] = v[0].to(torch.bfloat16) if runtime.bf16 else v[0]
         t1 = time.perf_counter()
         ora = cached_views(data.train, views, seed, 1000, [oracle], runtime)
         t2 = time.perf_counter()
-        feats = [v[0].to(torch.bfloat16) if runtime.bf16 else v[0] for v in lib]
-        return cls(feats, [v[0] for v in ora], lib[0][1], (t1 - t0) / n, (t2 - t1) / n)
+        return cls([v[0] for v in lib], [v[0] for v in ora], lib[0][1], (t1 - t0) / n, (t2 - t1) / n)
 
     def for_extraction(self) -> list[list[torch.Tensor]]:
         """The ``views`` argument of ``build.extract_experts``."""
