@@ -1,0 +1,210 @@
+"""Performance figures (``expertpool bench``): composition latency, ONNX export, fused inference, expert
+extraction. Timings are measured side by side in one run; report ratios, not absolute numbers, across runs.
+
+Without ``--pool`` the benchmark makes its own pool with the ``cpu`` preset's Fashion-MNIST architectures
+and seeded random weights (timings do not depend on the weights), so it needs no trained pool. Expert
+extraction is timed on Fashion-MNIST when it is installed, else on the synthetic set resized to 28x28.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .evaluate import timeit_ms
+
+
+@dataclass
+class BenchConfig:
+    quick: bool = False
+    json: bool = False
+    pool: str | None = None
+    out: str | None = None  # also write a Markdown report here
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def _random_bn(module: nn.Module, seed: int) -> None:
+    """Non-trivial BatchNorm statistics, so that folding them is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
+
+
+def make_bench_pool(path: str) -> str:
+    """A pool with the cpu preset's Fashion-MNIST library and five experts, random weights."""
+    from .build import recipe
+    from .hierarchy import builtin
+    from .nets import create
+    from .store import Store, expert_name
+
+    rec, h = recipe("fashion-mnist", "cpu"), builtin("fashion-mnist")
+    store = Store(path, create=True)
+    store.set_catalog({"dataset": "fashion-mnist", "preset": "bench", "seed": 0, "hierarchy": h.to_json(),
+                       "input": {"shape": [1, 28, 28], "mean": [0.286], "std": [0.353]}})
+    torch.manual_seed(0)
+    lib_cfg = {**rec.library, "in_channels": 1}
+    library = create(lib_cfg)
+    _random_bn(library, 0)
+    lib_sha = store.put("library", "library", library, {"config": lib_cfg})
+    for i, (task, classes) in enumerate(h.tasks.items()):
+        cfg = {**rec.expert, "in_channels": library.out_channels, "num_classes": len(classes)}
+        expert = create(cfg)
+        _random_bn(expert, i + 1)
+        store.put(expert_name(task), "expert", expert, {"config": cfg, "task": task, "classes": classes,
+                                                         "class_names": [h.classes[c] for c in classes],
+                                                         "library_sha256": lib_sha}, task=task)
+    store.close()
+    return path
+
+
+def bench_compose(pool_path: str, quick: bool) -> dict:
+    from .pool import Pool
+
+    pool = Pool(pool_path)
+    tasks = pool.tasks[:5]
+    pool.compose(tasks)  # warm: parts loaded
+    reps = 200
+    warm = timeit_ms(lambda: pool.compose(tasks), repeat=reps)
+    cold = timeit_ms(lambda: Pool(pool_path).compose(tasks), repeat=20 if quick else 100, warmup=2)
+    return {"n_tasks": len(tasks), "compose_ms_p50": warm["p50"], "compose_ms_p99": warm["p99"],
+            "compose_cold_ms_p50": cold["p50"], "compose_cold_ms_p99": cold["p99"]}
+
+
+def bench_export(pool_path: str, quick: bool) -> dict:
+    import onnxruntime as ort
+
+    from .export import Exporter
+    from .pool import Pool
+
+    pool = Pool(pool_path)
+    tasks = pool.tasks[:5]
+    exporter = Exporter()
+    model = pool.compose(tasks)
+    blob = exporter.onnx_bytes(model, pool.input_spec)  # first export builds the part templates
+    t = timeit_ms(lambda: exporter.onnx_bytes(pool.compose(tasks), pool.input_spec), repeat=5 if quick else 20, warmup=1)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+    x = torch.randn(1, *pool.input_shape).numpy()
+    ort_ms = timeit_ms(lambda: sess.run(None, {"input": x}), repeat=200)
+    with torch.no_grad():
+        torch_ms = timeit_ms(lambda: model(torch.from_numpy(x)), repeat=200)
+    return {"export_onnx_ms_p50": t["p50"], "export_onnx_ms_p99": t["p99"],
+            "onnxruntime_batch1_ms_p50": ort_ms["p50"], "torch_batch1_ms_p50": torch_ms["p50"]}
+
+
+def bench_fused(pool_path: str, quick: bool, batch: int = 256) -> dict:
+    from .pool import Pool
+
+    pool = Pool(pool_path)
+    tasks = pool.tasks[:5]
+    plain, fused = pool.compose(tasks), pool.compose(tasks, fused=True)
+    x = torch.randn(batch, *pool.input_shape)
+    rounds = 3 if quick else 10
+    times = {"plain": [], "fused": []}
+    with torch.no_grad():
+        max_diff = float((plain(x) - fused(x)).abs().max())
+        for _ in range(rounds):  # interleaved, so both see the same machine load
+            for name, m in (("plain", plain), ("fused", fused)):
+                t = time.perf_counter()
+                m(x)
+                times[name].append(time.perf_counter() - t)
+    best = {k: min(v) for k, v in times.items()}
+    return {"fused_max_abs_diff": max_diff, "plain_images_per_s": round(batch / best["plain"], 1),
+            "fused_images_per_s": round(batch / best["fused"], 1),
+            "fused_speedup": round(best["plain"] / best["fused"], 3), "inference_batch": batch}
+
+
+def bench_extraction(quick: bool) -> dict:
+    """Wall time per expert: cached + reused library/oracle outputs vs running them on every batch."""
+    from .build import _view_batches, cached_views, recipe
+    from .data import load
+    from .distill import ckd_loss
+    from .nets import create
+    from .train import fit, resolve_runtime
+
+    try:
+        data = load("fashion-mnist")
+        source = "fashion-mnist"
+    except Exception:
+        data, source = load("synthetic"), "synthetic"
+    n = 3000 if quick else 20000
+    g = torch.Generator().manual_seed(0)
+    train = data.train
+    idx = torch.randperm(len(train), generator=g)[:n]
+    from .data import Split
+
+    train = Split(train.images[idx], train.labels[idx], train.mean, train.std, train.augment)
+    rec = recipe("fashion-mnist", "cpu")
+    rt = resolve_runtime("auto", "auto", progress=False)
+    c = data.input_shape[0]
+    torch.manual_seed(0)
+    oracle = create({**rec.oracle, "in_channels": c, "num_classes": len(data.classes)}).eval()
+    library = create({**rec.library, "in_channels": c}).eval()
+    tc = rec.expert_train
+    classes = torch.tensor([0, 6])
+    k = 5  # experts sharing one cache (the Fashion-MNIST hierarchy's five tasks)
+
+    def new_expert():
+        return create({**rec.expert, "in_channels": library.out_channels, "num_classes": 2})
+
+    # straightforward: oracle and library on every batch, one expert
+    lib_d, orc_d = rt.prepare(library).eval(), rt.prepare(oracle).eval()
+
+    def online_loss(m, b):
+        with torch.no_grad():
+            f, t = lib_d(b[0]), orc_d(b[0])[:, classes]
+        return ckd_loss(m(f), t)
+
+    t0 = time.perf_counter()
+    fit(new_expert(), lambda e, gen: train.batches(tc.batch_size, True, True, gen, drop_last=True), online_loss, tc,
+        rt, seed=1)
+    online_s = time.perf_counter() - t0
+    # cached: library features + oracle logits once on the preset's views, then every expert reuses them
+    t0 = time.perf_counter()
+    views = cached_views(train, rec.expert_views, 0, 1000, [library, oracle], rt)
+    views = [[f.to(torch.bfloat16) if rt.bf16 else f, t] for f, t, _ in views]
+    cache_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fit(new_expert(), _view_batches(views, tc.batch_size), lambda m, b: ckd_loss(m(b[0]), b[1][:, classes]), tc, rt, seed=1)
+    train_s = time.perf_counter() - t0
+    per_expert = cache_s / k + train_s
+    return {"extraction_data": f"{source}, {n} training images, {tc.epochs} epochs, {rec.expert_views} cached views",
+            "extraction_online_s_per_expert": round(online_s, 2), "extraction_cache_s": round(cache_s, 2),
+            "extraction_cached_train_s": round(train_s, 2), "extraction_cached_s_per_expert": round(per_expert, 2),
+            "extraction_speedup": round(online_s / per_expert, 2)}
+
+
+def run(cfg: BenchConfig) -> dict:
+    out = {"machine": machine(), "quick": cfg.quick, "torch_threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        pool_path = cfg.pool or make_bench_pool(os.path.join(tmp, "bench.db"))
+        out["pool"] = cfg.pool or "random weights, cpu preset Fashion-MNIST shapes"
+        out.update(bench_compose(pool_path, cfg.quick))
+        out.update(bench_fused(pool_path, cfg.quick))
+        out.update(bench_export(pool_path, cfg.quick))
+    out.update(bench_extraction(cfg.quick))
+    return out
+
+
+def markdown(result: dict, command: str) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in result.items())
+    return (f"# Performance\n\nGenerated by `{command}` on {result['machine']}.\n"
+            "Ratios are measured side by side in one run; absolute times vary with the machine's load.\n\n"
+            "| figure | value |\n|---|---|\n" + rows + "\n\n"
+            "Goals (issue 6): compose_ms_p50 <= 1, compose_cold_ms_p50 <= 20, export_onnx_ms_p50 <= 50, "
+            "fused_speedup >= 1.5 (batch 256, n(Q) = 5), extraction_speedup >= 10.\n")
