@@ -20,6 +20,8 @@ A method returns a ``Built``: the model, the wall seconds it took to build it fo
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -110,6 +112,7 @@ class Context:
     eval_runtime: Runtime  # test evaluation (fp32)
     seed: int = 0
     calibration: dict | None = None  # task -> (scale, bias), see calibrate.py
+    views_dir: str | None = None  # where to keep the cached views on disk (shared by runs and processes)
     _views: FeatureViews | None = None
     _cache: dict = field(default_factory=dict)
 
@@ -130,9 +133,18 @@ class Context:
     @property
     def views(self) -> FeatureViews:
         if self._views is None:
-            views = max(1, self.recipe.expert_views or 2)
-            self._views = FeatureViews.compute(self.data, self.library, self.oracle, views,
-                                               int(self.pool.catalog.get("seed", 0)), self.runtime)
+            views, seed = max(1, self.recipe.expert_views or 2), int(self.pool.catalog.get("seed", 0))
+            path = None
+            if self.views_dir:
+                key = f"{self.pool.library_sha256()}/{self.pool.store.summary('oracle')['sha256']}/{views}/{seed}"
+                path = os.path.join(self.views_dir, f"views-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
+                if os.path.isfile(path):
+                    self._views = FeatureViews(**torch.load(path, weights_only=True))
+                    return self._views
+            self._views = FeatureViews.compute(self.data, self.library, self.oracle, views, seed, self.runtime)
+            if path:
+                torch.save(vars(self._views), path + ".tmp")
+                os.replace(path + ".tmp", path)
         return self._views
 
     def test_features(self) -> torch.Tensor:

@@ -172,7 +172,7 @@ def setup(cfg: ExperimentConfig) -> tuple[Context, Path, Path]:
     runtime = resolve_runtime(cfg.device, cfg.precision, cfg.progress)
     eval_runtime = Runtime(runtime.device, False, False)
     data = load_data(cfg.dataset, cfg.data_root or cat.get("data_root"))
-    ctx = Context(pool, data, rec, schedules(cfg.preset, rec), runtime, eval_runtime, cfg.seed)
+    ctx = Context(pool, data, rec, schedules(cfg.preset, rec), runtime, eval_runtime, cfg.seed, views_dir=str(work))
     return ctx, out, work
 
 
