@@ -165,7 +165,10 @@ def check_resume(store: Store, catalog: dict) -> None:
     old = store.catalog
     if not old:
         return
-    diff = [k for k in RESUME_KEYS if k in old and old[k] != catalog[k]]
+    import json
+
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731  (tuples vs lists)
+    diff = [k for k in RESUME_KEYS if k in old and not same(old[k], catalog[k])]
     if diff:
         raise UserError(f"pool {store.path} was started with other arguments ({', '.join(diff)} differ); "
                         "resume with the same arguments or choose a new --pool path")
