@@ -28,7 +28,8 @@ from .distill import ckd_loss, soft_loss
 from .errors import UserError
 from .evaluate import accuracy, count_params
 from .hierarchy import Hierarchy, resolve as resolve_hierarchy
-from .nets import Classifier, create
+from .joint import ExpertGroup
+from .nets import Classifier, WRNExpert, create
 from .store import Store, expert_name
 from .train import Runtime, TrainConfig, fit, predict, resolve_runtime
 
@@ -319,33 +320,68 @@ def extract_experts(store: Store, data: ImageData, hierarchy: Hierarchy, rec: Re
     else:
         frozen = [runtime.prepare(library).eval(), runtime.prepare(oracle).eval()]
     test_features = predict(library, (x for x, _ in data.test.batches(1000)), runtime)
-    for task in todo:
-        classes = hierarchy.task_classes(task)
-        name = expert_name(task)
-        cseed = _seeded(seed, name)
-        config, expert = _net(rec.expert, data, len(classes), in_channels=library.out_channels)
-        idx = torch.tensor(classes)
+    for chunk in expert_chunks(hierarchy):
+        if not any(t in todo for t in chunk):
+            continue
+        experts, configs, seeds = [], [], []
+        for task in chunk:
+            seeds.append(_seeded(seed, expert_name(task)))
+            config, expert = _net(rec.expert, data, len(hierarchy.tasks[task]), in_channels=library.out_channels)
+            configs.append(config)
+            experts.append(expert)
+        idxs = [torch.tensor(hierarchy.tasks[t]) for t in chunk]
+        joint = all(isinstance(e, WRNExpert) for e in experts)
+        model = ExpertGroup(experts) if joint else experts[0]
+        if not joint and len(chunk) > 1:
+            raise UserError("only WideResNet experts can be extracted jointly; use one task per chunk")
+
+        def loss_from(outs, t):
+            outs = outs if joint else [outs]
+            return sum(ckd_loss(o, t[:, i], T, alpha, soft, scale) for o, i in zip(outs, idxs))
+
         if rec.expert_views:
             batches = _view_batches(views, tc.batch_size)
+            steps = len(views[0][0]) // tc.batch_size
 
-            def loss(m, b, idx=idx):
-                return ckd_loss(m(b[0]), b[1][:, idx], T, alpha, soft, scale)
+            def loss(m, b):
+                return loss_from(m(b[0]), b[1])
         else:
             batches = lambda e, g: data.train.batches(tc.batch_size, True, True, g, drop_last=True)  # noqa: E731
+            steps = data.train.num_batches(tc.batch_size, True)
 
-            def loss(m, b, idx=idx):
+            def loss(m, b):
                 with torch.no_grad():
-                    f, t = frozen[0](b[0]), frozen[1](b[0])[:, idx]
-                return ckd_loss(m(f), t, T, alpha, soft, scale)
-        steps = len(views[0][0]) // tc.batch_size if rec.expert_views else data.train.num_batches(tc.batch_size, True)
-        stats = fit(expert, batches, loss, tc, runtime, cseed, f"expert {task}", steps)
-        acc = task_accuracy(expert, test_features, data.test, classes, runtime)
-        meta = {"config": config, "task": task, "classes": classes,
-                "class_names": [hierarchy.classes[c] for c in classes], "library_sha256": library_sha,
-                "train": tc.to_json(), "temperature": T, "alpha": alpha, "loss_terms": list(rec.loss_terms),
-                "seed": cseed}
-        store.put(name, "expert", expert, meta, {"accuracy": acc, **stats, "params": count_params(expert)}, task=task)
-        log(f"expert {task}: accuracy on its task {acc:.2f} % ({stats['seconds']:.1f} s)")
+                    f, t = frozen[0](b[0]), frozen[1](b[0])
+                return loss_from(m(f), t)
+        chunk_seed = component_seed(seed, "experts/" + ",".join(chunk))
+        label = f"experts {','.join(chunk)}" if len(chunk) < 4 else f"{len(chunk)} experts jointly"
+        stats = fit(model, batches, loss, tc, runtime, chunk_seed, label, steps)
+        trained = dict(zip(chunk, zip(model.unpack() if joint else [model], configs, seeds)))
+        for task in [t for t in todo if t in trained]:  # in the order asked (a chunk's stored experts were
+            expert, config, cseed = trained[task]       # trained again only because it is trained whole)
+            classes = hierarchy.tasks[task]
+            acc = task_accuracy(expert, test_features, data.test, classes, runtime)
+            meta = {"config": config, "task": task, "classes": classes,
+                    "class_names": [hierarchy.classes[c] for c in classes], "library_sha256": library_sha,
+                    "train": tc.to_json(), "temperature": T, "alpha": alpha, "loss_terms": list(rec.loss_terms),
+                    "seed": cseed, "trained_with": chunk}
+            metrics = {"accuracy": acc, **stats, "seconds": round(stats["seconds"] / len(chunk), 2),
+                       "chunk_seconds": stats["seconds"], "params": count_params(expert)}
+            store.put(expert_name(task), "expert", expert, meta, metrics, task=task)
+            log(f"expert {task}: accuracy on its task {acc:.2f} % ({metrics['seconds']:.1f} s per expert)")
+
+
+JOINT_CHUNK = 32  # experts trained together in one grouped network
+
+
+def expert_chunks(hierarchy: Hierarchy) -> list[list[str]]:
+    """The groups in which experts are trained jointly: the hierarchy's tasks sorted by name, in chunks.
+
+    A chunk with any missing expert is trained as a whole (storing only what is missing), so an expert's
+    weights depend only on the run seed, the frozen parts and its chunk: a resumed build, and a task removed
+    and added back, give the same bytes as before."""
+    names = sorted(hierarchy.tasks)
+    return [names[i:i + JOINT_CHUNK] for i in range(0, len(names), JOINT_CHUNK)]
 
 
 def task_accuracy(expert: nn.Module, test_features: torch.Tensor, test: Split, classes: list[int],

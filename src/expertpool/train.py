@@ -7,6 +7,7 @@ What differs between stages is only *what a batch is* (``batches``) and *what th
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -117,6 +118,10 @@ def fit(model: nn.Module, batches: Callable[[int, torch.Generator], Iterable[tup
         sched.step()
         mean_loss = float(total) / max(count, 1)
         bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.4f}")
+        if bar.disable and runtime.progress:  # no terminal (a log file): one line per epoch instead of a bar
+            rate = images / max(time.perf_counter() - start, 1e-9)
+            print(f"[expertpool] {desc}: epoch {epoch + 1}/{config.epochs}, loss {mean_loss:.4f}, {rate:.0f} images/s",
+                  file=sys.stderr, flush=True)
     bar.close()
     seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 2), "images_per_s": round(images / max(seconds, 1e-9), 1),

@@ -1,0 +1,104 @@
+"""Joint extraction: K WideResNet experts trained in one pass as one grouped network.
+
+All experts read the same input (the frozen library's features), so their K copies of every convolution
+can run as one grouped convolution (``groups=K``) and their BatchNorms as one BatchNorm over their channels
+side by side. BatchNorm statistics are per channel, the loss is the sum of the experts' own losses, and SGD
+(momentum, weight decay) acts element by element, so each expert receives exactly the updates it would
+get when trained alone on the same batches: joint training is K separate trainings computed together.
+
+``ExpertGroup(experts)`` packs K ``WRNExpert`` (same shape, any number of classes) and ``.unpack()`` gives
+them back as K ``WRNExpert`` with the trained weights and statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .nets import WRNExpert
+
+
+def _pack_conv(convs: list[nn.Conv2d]) -> nn.Conv2d:
+    c = convs[0]
+    k = len(convs)
+    out = nn.Conv2d(c.in_channels * k, c.out_channels * k, c.kernel_size, c.stride, c.padding, groups=k, bias=False)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in convs]))
+    return out
+
+
+def _pack_bn(bns: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
+    out = nn.BatchNorm2d(sum(b.num_features for b in bns), eps=bns[0].eps, momentum=bns[0].momentum)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(out, name).copy_(torch.cat([getattr(b, name) for b in bns]))
+        out.num_batches_tracked.copy_(bns[0].num_batches_tracked)
+    return out
+
+
+class _GroupBlock(nn.Module):
+    def __init__(self, blocks: list):
+        super().__init__()
+        self.bn1 = _pack_bn([b.bn1 for b in blocks])
+        self.conv1 = _pack_conv([b.conv1 for b in blocks])
+        self.bn2 = _pack_bn([b.bn2 for b in blocks])
+        self.conv2 = _pack_conv([b.conv2 for b in blocks])
+        self.shortcut = None if blocks[0].convShortcut is None else _pack_conv([b.convShortcut for b in blocks])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(a))))
+        return out + (x if self.shortcut is None else self.shortcut(a))
+
+
+class ExpertGroup(nn.Module):
+    def __init__(self, experts: list[WRNExpert]):
+        super().__init__()
+        self.k = len(experts)
+        self.configs = [(e.fc.out_features, e) for e in experts]  # kept to unpack into the same classes
+        self.blocks = nn.Sequential(*[_GroupBlock([e.block3.layer[i] for e in experts])
+                                      for i in range(len(experts[0].block3.layer))])
+        self.bn = _pack_bn([e.bn1 for e in experts])
+        self.fcs = nn.ModuleList([nn.Linear(e.fc.in_features, e.fc.out_features) for e in experts])
+        with torch.no_grad():
+            for fc, e in zip(self.fcs, experts):
+                fc.weight.copy_(e.fc.weight)
+                fc.bias.copy_(e.fc.bias)
+        self.width = experts[0].fc.in_features
+
+    def forward(self, f: torch.Tensor) -> list[torch.Tensor]:
+        """The K experts' logits, as a list."""
+        h = self.blocks(f.repeat(1, self.k, 1, 1) if self.k > 1 else f)
+        pooled = F.adaptive_avg_pool2d(F.relu(self.bn(h)), 1).flatten(1)
+        return [fc(p) for fc, p in zip(self.fcs, pooled.split(self.width, dim=1))]
+
+    @torch.no_grad()
+    def unpack(self) -> list[WRNExpert]:
+        """The K trained experts as separate ``WRNExpert`` modules (weights and BN statistics copied)."""
+        state = self.state_dict()
+        out = []
+        for i, (_, template) in enumerate(self.configs):
+            expert_state = {}
+            for key, value in template.state_dict().items():
+                if key.startswith("fc."):
+                    expert_state[key] = state[f"fcs.{i}.{key[3:]}"].clone()
+                    continue
+                src = self._source_key(key)
+                v = state[src]
+                if key.endswith("num_batches_tracked"):
+                    expert_state[key] = v.clone()
+                else:
+                    n = value.shape[0]
+                    expert_state[key] = v[i * n:(i + 1) * n].clone()
+            template.load_state_dict(expert_state)
+            out.append(template)
+        return out
+
+    @staticmethod
+    def _source_key(key: str) -> str:
+        # block3.layer.{j}.{bn1,conv1,bn2,conv2,convShortcut}.* -> blocks.{j}.{bn1,conv1,bn2,conv2,shortcut}.*
+        if key.startswith("block3.layer."):
+            _, _, j, rest = key.split(".", 3)
+            return f"blocks.{j}.{rest.replace('convShortcut', 'shortcut')}"
+        return key.replace("bn1.", "bn.", 1)  # the head's BatchNorm

@@ -1,0 +1,63 @@
+import torch
+
+from expertpool.distill import ckd_loss
+from expertpool.joint import ExpertGroup
+from expertpool.nets import WRNExpert
+from expertpool.train import TrainConfig, fit, resolve_runtime
+
+
+def _experts(n_classes=(2, 3, 2)):
+    out = []
+    for i, n in enumerate(n_classes):
+        torch.manual_seed(i)
+        e = WRNExpert(n, 8, 10, 0.25)
+        with torch.no_grad():
+            for m in e.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.normal_()
+                    m.running_var.uniform_(0.5, 2)
+        out.append(e)
+    return out
+
+
+def test_group_forward_equals_the_experts_side_by_side():
+    experts = _experts()
+    group = ExpertGroup(experts)
+    f = torch.randn(4, 8, 8, 8)
+    for mode in (True, False):
+        group.train(mode)
+        for e in experts:
+            e.train(mode)
+        with torch.no_grad():
+            got = group(f)
+            want = [e(f) for e in experts]
+        assert [g.shape for g in got] == [w.shape for w in want]
+        for g, w in zip(got, want):
+            assert (g - w).abs().max() < 1e-5
+
+
+def test_unpack_gives_back_the_same_weights():
+    experts = _experts()
+    before = [{k: v.clone() for k, v in e.state_dict().items()} for e in experts]
+    for e, state in zip(ExpertGroup(experts).unpack(), before):
+        for k, v in e.state_dict().items():
+            assert torch.equal(v, state[k]), k
+
+
+def test_training_a_group_of_one_equals_training_alone():
+    rt = resolve_runtime("cpu", "fp32", progress=False)
+    feats, logits = torch.randn(256, 8, 8, 8), torch.randn(256, 5)
+    idx = torch.tensor([1, 3])
+
+    def batches(epoch, g):
+        order = torch.randperm(256, generator=g)
+        for i in range(0, 256, 64):
+            yield feats[order[i:i + 64]], logits[order[i:i + 64]]
+
+    cfg = TrainConfig(2, 0.1, (1,), batch_size=64)
+    alone = _experts((2,))[0]
+    fit(alone, batches, lambda m, b: ckd_loss(m(b[0]), b[1][:, idx]), cfg, rt, seed=3)
+    group = ExpertGroup(_experts((2,)))
+    fit(group, batches, lambda m, b: ckd_loss(m(b[0])[0], b[1][:, idx]), cfg, rt, seed=3)
+    for k, v in group.unpack()[0].state_dict().items():
+        assert torch.equal(v, alone.state_dict()[k]), k
