@@ -460,6 +460,8 @@ def summary_markdown(ctx: Context, cfg: ExperimentConfig, cells: Cells, mrows: l
     experts = {t: store.summary(expert_name(t))["metrics"].get("accuracy") for t in ctx.pool.tasks}
     rec, sch = ctx.recipe, ctx.schedules
     calib = json.loads((work / "calibration.json").read_text()) if (work / "calibration.json").is_file() else None
+    done = {c["method"] for c in cells.cells.values()}
+    missing = [m for m in METHODS if m not in done] + ([] if cfg.ablation else ["the loss ablation (--no-ablation)"])
     by_n: dict[int, list[str]] = {}
     for q in qs:
         by_n.setdefault(len(q), []).append("+".join(q))
@@ -480,6 +482,7 @@ def summary_markdown(ctx: Context, cfg: ExperimentConfig, cells: Cells, mrows: l
          f"library student {library_m.get('student_accuracy', float('nan')):.2f} % "
          f"({rec.student_train.epochs} epochs of KD)",
          "- Experts' accuracy on their own task: " + ", ".join(f"{t} {a:.2f} %" for t, a in experts.items()),
+         *([f"- **Partial results**: not in these tables: {', '.join(missing)}"] if missing else []),
          "", "## Schedules", "",
          f"- PoE experts (in the pool): {rec.expert_train.epochs} epochs, lr {rec.expert_train.lr}, milestones "
          f"{list(rec.expert_train.milestones)}, batch {rec.expert_train.batch_size}, L_CKD with "
