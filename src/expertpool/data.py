@@ -300,5 +300,5 @@ def load(name: str, root: str | None = None, seed: int = 0, image_size: int | No
     if name == "imagenet":
         from .imagenet import load_imagenet
 
-        return load_imagenet(root)
+        return load_imagenet(root, image_size or 224)
     raise UserError(f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
