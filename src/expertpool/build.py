@@ -70,9 +70,11 @@ def recipe(dataset: str, preset: str) -> Recipe:
     if dataset == "tinyimagenet":
         oracle = {"arch": "wrn", "depth": 16, "width": 10, "first_stride": 2}
         lib, exp = {**wrn_lib, "width": 2, "first_stride": 2}, wrn_exp
-    elif dataset == "imagenet":
-        raise UserError("the imagenet recipe needs a pretrained oracle and library: use `expertpool build "
-                        "--dataset imagenet --oracle torchvision:NAME:FILE --library-weights FILE`")
+    elif dataset == "imagenet":  # pretrained oracle (--oracle) and library (--library-weights); experts streamed
+        expert_train = TrainConfig(1, 0.01, (), batch_size=32) if preset == "tiny" else TrainConfig(20, 0.01, (10, 15))
+        return Recipe({"arch": "torchvision", "name": "resnet50"}, {"arch": "mobilenet_v2_library"},
+                      {"arch": "mobilenet_v2_expert"}, oracle_train=TrainConfig(0), student_train=TrainConfig(0),
+                      expert_train=expert_train)
     else:
         oracle, lib, exp = {"arch": "wrn", "depth": 40, "width": 4}, wrn_lib, wrn_exp
     if preset == "paper":
@@ -108,6 +110,7 @@ class BuildConfig:
     oracle: str | None = None  # a state-dict file for the recipe's oracle (safetensors or torch.save)
     image_size: int | None = None
     progress: bool = True
+    library_weights: str | None = None  # a pretrained MobileNetV2 state dict (the imagenet recipe's library)
     loss_terms: tuple[str, ...] = ("soft", "scale")
     extra: dict = field(default_factory=dict)
 
@@ -131,6 +134,7 @@ def build(cfg: BuildConfig) -> dict:
     if len(hierarchy.classes) != len(data.classes):
         raise UserError(f"hierarchy has {len(hierarchy.classes)} classes, data set {cfg.dataset} has {len(data.classes)}")
     rec = replace(recipe(cfg.dataset, cfg.preset), loss_terms=tuple(cfg.loss_terms))
+    rec = check_pretrained(with_oracle_spec(rec, cfg.oracle)[0], cfg)
     store = Store(cfg.pool, create=True)
     catalog = make_catalog(cfg, data, hierarchy, rec)
     check_resume(store, catalog)
@@ -198,6 +202,57 @@ def _load_state_dict(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def with_oracle_spec(rec: Recipe, spec: str | None) -> tuple[Recipe, str | None]:
+    """``--oracle torchvision:NAME:FILE``: the recipe with torchvision's NAME classifier as its oracle, and
+    FILE; a plain ``--oracle FILE`` keeps the recipe's oracle (FILE holds its weights)."""
+    if not spec or not spec.startswith("torchvision:"):
+        return rec, spec
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise UserError(f"--oracle {spec!r}: expected torchvision:NAME:FILE, e.g. torchvision:resnet50:weights.pth")
+    import torchvision
+
+    if parts[1] not in torchvision.models.list_models(torchvision.models):
+        raise UserError(f"--oracle {spec!r}: torchvision has no classifier named {parts[1]!r}")
+    return replace(rec, oracle={"arch": "torchvision", "name": parts[1]}), parts[2]
+
+
+def check_pretrained(rec: Recipe, cfg: BuildConfig) -> Recipe:
+    """A torchvision oracle and a MobileNetV2 library are pretrained: their weights must be given."""
+    if rec.oracle["arch"] == "torchvision" and not cfg.oracle:
+        raise UserError(f"the {cfg.dataset} recipe's oracle is pretrained: pass --oracle torchvision:NAME:FILE "
+                        f"(or --oracle FILE with {rec.oracle['name']} weights)")
+    mobilenet = rec.library["arch"] == "mobilenet_v2_library"
+    if mobilenet and not cfg.library_weights:
+        raise UserError(f"the {cfg.dataset} recipe's library is a pretrained MobileNetV2: pass --library-weights FILE")
+    if cfg.library_weights and not mobilenet:
+        raise UserError(f"--library-weights is for the MobileNetV2 library (--dataset imagenet), not {cfg.dataset}")
+    return rec
+
+
+def _pretrained_library(store: Store, data: ImageData, rec: Recipe, cfg: BuildConfig) -> nn.Module:
+    """The front of a pretrained MobileNetV2 (``--library-weights``), stored as it is: no distillation.
+
+    The stored config names no file: the pool's blob holds the weights."""
+    config = {**rec.library, "in_channels": data.input_shape[0]}
+    library = create(config)
+    try:
+        state = _load_state_dict(cfg.library_weights)
+        own = library.state_dict()
+        library.load_state_dict({k: v for k, v in state.items() if k in own})
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"cannot load MobileNetV2 weights {cfg.library_weights}: {str(e).splitlines()[0]}") from None
+    with open(cfg.library_weights, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    log(f"library: pretrained MobileNetV2 front from {cfg.library_weights} ({count_params(library):,} params), "
+        "stored without distillation")
+    meta = {"config": config, "pretrained": True, "weights_sha256": digest,
+            "oracle_sha256": store.summary("oracle")["sha256"] if store.has("oracle") else None}
+    store.put("library", "library", library, meta,
+              {"pretrained": True, "student_accuracy": None, "params": count_params(library)})
+    return store.get("library").build()
+
+
 def stage_oracle(store: Store, data: ImageData, rec: Recipe, cfg: BuildConfig, runtime: Runtime) -> nn.Module:
     if store.has("oracle"):
         log("oracle: found in pool, loaded")
@@ -206,10 +261,11 @@ def stage_oracle(store: Store, data: ImageData, rec: Recipe, cfg: BuildConfig, r
     config, oracle = _net(rec.oracle, data, len(data.classes))
     stats: dict = {}
     if cfg.oracle:
+        oracle_file = with_oracle_spec(rec, cfg.oracle)[1]
         try:
-            oracle.load_state_dict(_load_state_dict(cfg.oracle))
+            oracle.load_state_dict(_load_state_dict(oracle_file))
         except (OSError, RuntimeError) as e:
-            raise UserError(f"cannot load oracle checkpoint {cfg.oracle}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load oracle checkpoint {oracle_file}: {str(e).splitlines()[0]}") from None
         log(f"oracle: loaded from {cfg.oracle}")
     else:
         log(f"oracle: training {config['arch']}-{config.get('depth')}-{config.get('width')} "
@@ -259,6 +315,8 @@ def stage_library(store: Store, data: ImageData, rec: Recipe, cfg: BuildConfig, 
     if store.has("library"):
         log("library: found in pool, loaded")
         return store.get("library").build()
+    if rec.library["arch"] == "mobilenet_v2_library":
+        return _pretrained_library(store, data, rec, cfg)
     seed = _seeded(cfg.seed, "library")
     lib_config, library = _net(rec.library, data)
     head_config = {**rec.expert, "depth": rec.library["depth"], "width": rec.library.get("width", 1),
@@ -320,7 +378,7 @@ def extract_experts(store: Store, data: ImageData, hierarchy: Hierarchy, rec: Re
     else:
         frozen = [runtime.prepare(library).eval(), runtime.prepare(oracle).eval()]
     test_features = predict(library, (x for x, _ in data.test.batches(1000)), runtime)
-    for chunk in expert_chunks(hierarchy):
+    for chunk in expert_chunks(hierarchy, JOINT_CHUNK if rec.expert["arch"] == "wrn_expert" else 1):
         if not any(t in todo for t in chunk):
             continue
         experts, configs, seeds = [], [], []
@@ -374,14 +432,14 @@ def extract_experts(store: Store, data: ImageData, hierarchy: Hierarchy, rec: Re
 JOINT_CHUNK = 32  # experts trained together in one grouped network
 
 
-def expert_chunks(hierarchy: Hierarchy) -> list[list[str]]:
+def expert_chunks(hierarchy: Hierarchy, size: int = JOINT_CHUNK) -> list[list[str]]:
     """The groups in which experts are trained jointly: the hierarchy's tasks sorted by name, in chunks.
 
     A chunk with any missing expert is trained as a whole (storing only what is missing), so an expert's
     weights depend only on the run seed, the frozen parts and its chunk: a resumed build, and a task removed
-    and added back, give the same bytes as before."""
+    and added back, give the same bytes as before. Only WideResNet experts train jointly: others use size 1."""
     names = sorted(hierarchy.tasks)
-    return [names[i:i + JOINT_CHUNK] for i in range(0, len(names), JOINT_CHUNK)]
+    return [names[i:i + size] for i in range(0, len(names), size)]
 
 
 def task_accuracy(expert: nn.Module, test_features: torch.Tensor, test: Split, classes: list[int],
@@ -457,7 +515,7 @@ def add_task(pool_path: str, name: str, classes: list, data_root: str | None = N
             hierarchy = hierarchy.with_task(name, ids)
         runtime = resolve_runtime(device, precision or cat.get("precision", "auto"), progress)
         dataset = cat["dataset"]
-        image_size = cat["input"]["shape"][-1] if dataset == "imagefolder" else None
+        image_size = cat["input"]["shape"][-1] if dataset in ("imagefolder", "imagenet") else None
         data = load_data(dataset, data_root or cat.get("data_root"), image_size=image_size)
         if len(data.classes) != len(hierarchy.classes) or list(data.input_shape) != list(cat["input"]["shape"]):
             raise UserError(f"data set {dataset} at {data_root or cat.get('data_root')} does not match the pool "

@@ -83,7 +83,8 @@ def evaluate_composed(pool, model, data_root: str | None = None, device: str = "
     from .train import resolve_runtime
 
     cat = pool.catalog
-    data = load_data(cat["dataset"], data_root or cat.get("data_root"))
+    size = cat["input"]["shape"][-1] if cat["dataset"] in ("imagefolder", "imagenet") else None
+    data = load_data(cat["dataset"], data_root or cat.get("data_root"), image_size=size)
     return accuracy(model, data.test.subset(model.class_ids), resolve_runtime(device, "fp32", progress=False))
 
 
@@ -216,6 +217,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--oracle", help="state-dict file of a trained oracle (the recipe's architecture)")
     b.add_argument("--image-size", type=int, help="resize ImageFolder images to N x N")
+    b.add_argument("--library-weights", help="pretrained MobileNetV2 state-dict file (the imagenet library)")
     b.add_argument("--no-progress", dest="progress", action="store_false")
 
     t = sub.add_parser("tasks", help="list the pool's primitive tasks")
