@@ -112,7 +112,7 @@ def cell_fingerprint(ctx: Context, cfg: ExperimentConfig, method: str, tasks: li
     """A hash of the setup and of the pool components ``method`` uses for ``tasks``."""
     deps: dict = {"dataset": cfg.dataset, "preset": cfg.preset, "seed": cfg.seed,
                   "schedules": ctx.schedules.to_json(), "pool_seed": ctx.pool.catalog.get("seed")}
-    if method != "scratch":
+    if method not in ("scratch", "oracle"):
         deps["library"] = _sha(ctx, "library")
     if method in ("oracle", "ckd", "poe_calibrated") or method.startswith("poe["):
         deps["oracle"] = _sha(ctx, "oracle")
@@ -180,7 +180,7 @@ def check_ready(ctx: Context, methods: list[str], ablation: bool) -> None:
     """Every method needs some of the pool: say which part is missing before any work starts."""
     store = ctx.pool.store
     needs = set()
-    if any(m != "scratch" for m in methods) or ablation:
+    if set(methods) - {"scratch", "oracle"} or ablation:
         needs.add("library")
     if {"oracle", "ckd", "poe_calibrated"} & set(methods) or ablation:
         needs.add("oracle")
