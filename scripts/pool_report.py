@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--pool", required=True)
     p.add_argument("--out", required=True, help="Markdown file to write (a .json twin is written beside it)")
     p.add_argument("--max-n", type=int, default=5)
+    p.add_argument("--readme", help="also put the table between the pool-report markers of this README")
     args = p.parse_args()
 
     pool = Pool(args.pool)
@@ -104,6 +105,16 @@ def main() -> None:
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
+    if args.readme:
+        start, end = "<!-- pool-report:start -->", "<!-- pool-report:end -->"
+        text = open(args.readme).read()
+        if start not in text or end not in text:
+            sys.exit(f"error: {args.readme} has no {start} ... {end} markers")
+        section = "\n".join(["## Results: the Fashion-MNIST pool", ""] + lines[2:]
+                            + [f"Per query: [{os.path.splitext(args.out)[0]}.json]({os.path.splitext(args.out)[0]}.json).", ""])
+        head, rest = text.split(start, 1)
+        with open(args.readme, "w") as f:
+            f.write(head + start + "\n" + section + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":
