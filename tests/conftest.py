@@ -5,8 +5,14 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from expertpool.cli import main
+
+# One intra-op thread for everything this test process trains or runs: results that tests compare bit for
+# bit (a task removed and added back, a rebuilt component) must come from the same thread count, and the
+# service under test also runs PyTorch with one thread. Subprocesses keep their own defaults.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
