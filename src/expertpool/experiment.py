@@ -446,7 +446,10 @@ def diagnostics(cells: Cells, qs: list[list[str]], mrows: list[dict]) -> list[st
                 f"{100 * (1 - (wrong - cross) / images):.2f} %")
         if os_:
             oi, ow = sum(c["test_images"] for c in os_), sum(c["errors"] for c in os_)
-            text += f"; the oracle restricted to Q reaches {100 * (1 - ow / oi):.2f} %"
+            oc = sum(c["cross_expert_errors"] for c in os_)
+            text += (f"; the oracle restricted to Q reaches {100 * (1 - ow / oi):.2f} %, and "
+                     f"{100 * oc / max(ow, 1):.1f} % of its own errors ({oc} of {ow}) also fall in another task's "
+                     "classes (confusions between tasks that even the teacher makes)")
         out.append(text + ".")
     return out
 
