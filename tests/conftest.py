@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -11,7 +12,9 @@ from expertpool.cli import main
 
 # One intra-op thread for everything this test process trains or runs: results that tests compare bit for
 # bit (a task removed and added back, a rebuilt component) must come from the same thread count, and the
-# service under test also runs PyTorch with one thread. Subprocesses keep their own defaults.
+# service under test also runs PyTorch with one thread. Subprocesses (CLI runs) inherit the same setting, so
+# a pool built by a subprocess equals one built in this process, bit for bit.
+os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 
