@@ -19,6 +19,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .compose import ComposedModel
+from .joint import pack_bn, pack_conv
 from .nets import BasicBlock, WRNExpert, WRNLibrary
 
 
@@ -38,35 +39,15 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return out
 
 
-def _cat_bn(bns: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
-    out = nn.BatchNorm2d(sum(b.num_features for b in bns), eps=bns[0].eps)
-    with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            getattr(out, name).copy_(torch.cat([getattr(b, name) for b in bns]))
-    return out.eval()
-
-
-def _grouped_conv(convs: list[nn.Module]) -> nn.Conv2d:
-    """K convolutions with the same shape (and no groups of their own) as one grouped convolution."""
-    c = convs[0]
-    out = nn.Conv2d(c.in_channels * len(convs), c.out_channels * len(convs), c.kernel_size, c.stride, c.padding,
-                    groups=len(convs), bias=c.bias is not None)
-    with torch.no_grad():
-        out.weight.copy_(torch.cat([k.weight for k in convs]))
-        if c.bias is not None:
-            out.bias.copy_(torch.cat([k.bias for k in convs]))
-    return out
-
-
 class FusedBlock(nn.Module):
     """A ``BasicBlock`` in eval mode with ``bn2`` folded into ``conv1``; optionally K blocks grouped."""
 
     def __init__(self, blocks: list[BasicBlock]):
         super().__init__()
-        self.bn1 = _cat_bn([b.bn1 for b in blocks])
-        self.conv1 = _grouped_conv([fold_conv_bn(b.conv1, b.bn2) for b in blocks])
-        self.conv2 = _grouped_conv([b.conv2 for b in blocks])
-        self.shortcut = None if blocks[0].convShortcut is None else _grouped_conv([b.convShortcut for b in blocks])
+        self.bn1 = pack_bn([b.bn1 for b in blocks])
+        self.conv1 = pack_conv([fold_conv_bn(b.conv1, b.bn2) for b in blocks])
+        self.conv2 = pack_conv([b.conv2 for b in blocks])
+        self.shortcut = None if blocks[0].convShortcut is None else pack_conv([b.convShortcut for b in blocks])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = F.relu(self.bn1(x))
@@ -97,7 +78,7 @@ class FusedExperts(nn.Module):
         self.k = len(experts)
         self.blocks = nn.Sequential(*[FusedBlock([e.block3.layer[i] for e in experts])
                                       for i in range(len(experts[0].block3.layer))])
-        self.bn = _cat_bn([e.bn1 for e in experts])
+        self.bn = pack_bn([e.bn1 for e in experts])
         width = experts[0].fc.in_features
         sizes = [e.fc.out_features for e in experts]
         self.fc = nn.Linear(width * self.k, sum(sizes))

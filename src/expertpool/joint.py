@@ -19,16 +19,21 @@ import torch.nn.functional as F
 from .nets import WRNExpert
 
 
-def _pack_conv(convs: list[nn.Conv2d]) -> nn.Conv2d:
+def pack_conv(convs: list[nn.Conv2d]) -> nn.Conv2d:
+    """K convolutions of one shape (no groups of their own) as one grouped convolution (``groups=K``)."""
     c = convs[0]
     k = len(convs)
-    out = nn.Conv2d(c.in_channels * k, c.out_channels * k, c.kernel_size, c.stride, c.padding, groups=k, bias=False)
+    out = nn.Conv2d(c.in_channels * k, c.out_channels * k, c.kernel_size, c.stride, c.padding, groups=k,
+                    bias=c.bias is not None)
     with torch.no_grad():
         out.weight.copy_(torch.cat([m.weight for m in convs]))
+        if c.bias is not None:
+            out.bias.copy_(torch.cat([m.bias for m in convs]))
     return out
 
 
-def _pack_bn(bns: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
+def pack_bn(bns: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
+    """K BatchNorms as one over their channels side by side (affine parameters and statistics)."""
     out = nn.BatchNorm2d(sum(b.num_features for b in bns), eps=bns[0].eps, momentum=bns[0].momentum)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
@@ -40,11 +45,11 @@ def _pack_bn(bns: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
 class _GroupBlock(nn.Module):
     def __init__(self, blocks: list):
         super().__init__()
-        self.bn1 = _pack_bn([b.bn1 for b in blocks])
-        self.conv1 = _pack_conv([b.conv1 for b in blocks])
-        self.bn2 = _pack_bn([b.bn2 for b in blocks])
-        self.conv2 = _pack_conv([b.conv2 for b in blocks])
-        self.shortcut = None if blocks[0].convShortcut is None else _pack_conv([b.convShortcut for b in blocks])
+        self.bn1 = pack_bn([b.bn1 for b in blocks])
+        self.conv1 = pack_conv([b.conv1 for b in blocks])
+        self.bn2 = pack_bn([b.bn2 for b in blocks])
+        self.conv2 = pack_conv([b.conv2 for b in blocks])
+        self.shortcut = None if blocks[0].convShortcut is None else pack_conv([b.convShortcut for b in blocks])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = F.relu(self.bn1(x))
@@ -59,7 +64,7 @@ class ExpertGroup(nn.Module):
         self.configs = [(e.fc.out_features, e) for e in experts]  # kept to unpack into the same classes
         self.blocks = nn.Sequential(*[_GroupBlock([e.block3.layer[i] for e in experts])
                                       for i in range(len(experts[0].block3.layer))])
-        self.bn = _pack_bn([e.bn1 for e in experts])
+        self.bn = pack_bn([e.bn1 for e in experts])
         self.fcs = nn.ModuleList([nn.Linear(e.fc.in_features, e.fc.out_features) for e in experts])
         with torch.no_grad():
             for fc, e in zip(self.fcs, experts):
