@@ -36,7 +36,7 @@ from .evaluate import count_flops, count_params, cross_expert_ratio, logits_on
 from .hierarchy import Hierarchy
 from .nets import Classifier, create
 from .pool import Pool
-from .train import Runtime, TrainConfig, fit, predict
+from .train import INFER_BATCH, Runtime, TrainConfig, fit, predict
 
 HEAD_METHODS = ("transfer", "ckd")  # frozen library + head, on cached features
 FRONT_METHODS = ("scratch", "uhc", "sd")  # library-shaped front + head, on images
@@ -87,11 +87,11 @@ class FeatureViews:
         """Same views (same seed) as ``build.extract_experts`` uses for the pool's experts."""
         n = len(data.train) * views
         t0 = time.perf_counter()
-        lib = cached_views(data.train, views, seed, 1000, [library], runtime)
+        lib = cached_views(data.train, views, seed, INFER_BATCH, [library], runtime)
         for v in lib:  # bf16 features halve the memory (as the pool's own expert training does)
             v[0] = v[0].to(torch.bfloat16) if runtime.bf16 else v[0]
         t1 = time.perf_counter()
-        ora = cached_views(data.train, views, seed, 1000, [oracle], runtime)
+        ora = cached_views(data.train, views, seed, INFER_BATCH, [oracle], runtime)
         t2 = time.perf_counter()
         return cls([v[0] for v in lib], [v[0] for v in ora], lib[0][1], (t1 - t0) / n, (t2 - t1) / n)
 
@@ -149,7 +149,7 @@ class Context:
 
     def test_features(self) -> torch.Tensor:
         if "test_features" not in self._cache:
-            self._cache["test_features"] = predict(self.library, (x for x, _ in self.data.test.batches(1000)),
+            self._cache["test_features"] = predict(self.library, (x for x, _ in self.data.test.batches(INFER_BATCH)),
                                                    self.eval_runtime)
         return self._cache["test_features"]
 
@@ -304,7 +304,7 @@ def _train_head(ctx: Context, tasks: list[str], method: str, loss_kind: str) -> 
     model = Classifier(ctx.library, head.cpu().eval())
     test_rows, _ = ctx.test_rows(tasks)
     return Built(model, train_s + share,
-                 lambda: predict(head, ctx.test_features()[test_rows].split(1000), ctx.eval_runtime),
+                 lambda: predict(head, ctx.test_features()[test_rows].split(INFER_BATCH), ctx.eval_runtime),
                  {"train_seconds": round(train_s, 3), "feature_seconds": round(share, 3),
                   "epochs": stats["epochs"], "train_images": len(rows)})
 

@@ -31,7 +31,7 @@ from .hierarchy import Hierarchy, resolve as resolve_hierarchy
 from .joint import ExpertGroup
 from .nets import Classifier, WRNExpert, create
 from .store import Store, expert_name
-from .train import Runtime, TrainConfig, fit, predict, resolve_runtime
+from .train import INFER_BATCH, Runtime, TrainConfig, fit, predict, resolve_runtime
 
 
 # --------------------------------------------------------------------------- recipes (presets)
@@ -327,7 +327,7 @@ def stage_library(store: Store, data: ImageData, rec: Recipe, cfg: BuildConfig, 
         + (f", oracle logits cached on {rec.student_views} views" if rec.student_views else ""))
     if rec.student_views:
         t0 = time.perf_counter()
-        views = cached_views(data.train, rec.student_views, seed, 1000,
+        views = cached_views(data.train, rec.student_views, seed, INFER_BATCH,
                              [oracle, lambda xs: torch.cat(xs).to(torch.bfloat16 if runtime.bf16 else torch.float32)],
                              runtime)
         log(f"library: oracle logits for {rec.student_views} views in {time.perf_counter() - t0:.1f} s")
@@ -371,13 +371,13 @@ def extract_experts(store: Store, data: ImageData, hierarchy: Hierarchy, rec: Re
     if rec.expert_views and views is not None:
         log(f"experts: reusing {len(views)} precomputed views of library features and oracle logits")
     elif rec.expert_views:
-        views = cached_views(data.train, rec.expert_views, seed, 1000, [library, oracle], runtime)
+        views = cached_views(data.train, rec.expert_views, seed, INFER_BATCH, [library, oracle], runtime)
         views = [[f.to(torch.bfloat16) if runtime.bf16 else f, t] for f, t, _ in views]
         log(f"experts: library features and oracle logits for {rec.expert_views} views in "
             f"{time.perf_counter() - t0:.1f} s (reused by all {len(todo)} experts)")
     else:
         frozen = [runtime.prepare(library).eval(), runtime.prepare(oracle).eval()]
-    test_features = predict(library, (x for x, _ in data.test.batches(1000)), runtime)
+    test_features = predict(library, (x for x, _ in data.test.batches(INFER_BATCH)), runtime)
     for chunk in expert_chunks(hierarchy, JOINT_CHUNK if rec.expert["arch"] == "wrn_expert" else 1):
         if not any(t in todo for t in chunk):
             continue
@@ -449,7 +449,7 @@ def task_accuracy(expert: nn.Module, test_features: torch.Tensor, test: Split, c
     lut[torch.tensor(classes)] = torch.arange(len(classes))
     rel = lut[test.labels]
     keep = rel >= 0
-    logits = predict(expert, test_features[keep].split(1000), runtime)
+    logits = predict(expert, test_features[keep].split(INFER_BATCH), runtime)
     return round(100.0 * (logits.argmax(1) == rel[keep]).float().mean().item(), 3)
 
 

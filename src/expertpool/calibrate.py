@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .compose import ComposedModel
-from .train import Runtime, predict
+from .train import INFER_BATCH, Runtime, predict
 
 
 class CalibratedModel(nn.Module):
@@ -46,7 +46,7 @@ def expert_max_logits(experts: list[nn.Module], features: list[torch.Tensor], ru
     """(N, k): each expert's largest logit on every cached feature map."""
     cols = []
     for expert in experts:
-        logits = torch.cat([predict(expert, f.split(1000), runtime) for f in features])
+        logits = torch.cat([predict(expert, f.split(INFER_BATCH), runtime) for f in features])
         cols.append(logits.max(1).values)
     return torch.stack(cols, 1)
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import UserError
+from .train import tune_allocator
 
 
 # --------------------------------------------------------------------------- commands
@@ -251,6 +252,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    tune_allocator()
     kw = {k: v for k, v in vars(args).items() if k not in ("command", "pool_command", "run", "config")}
     try:
         return args.run(args.config(**kw))

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .data import Split
 from .train import Runtime, predict
 
-EVAL_BATCH = 1000
+EVAL_BATCH = 256
 
 
 def logits_on(model: nn.Module, split: Split, runtime: Runtime) -> torch.Tensor:

@@ -7,6 +7,7 @@ What differs between stages is only *what a batch is* (``batches``) and *what th
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import time
 from contextlib import nullcontext
@@ -80,6 +81,27 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", progress: boo
     else:
         raise UserError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
     return Runtime(dev, bf16, progress)
+
+
+INFER_BATCH = 256  # batch of inference passes (cached views, test features): 2.5x faster than 1000 here
+
+
+def tune_allocator() -> bool:
+    """Let glibc keep freed large buffers in the heap instead of unmapping them (Linux only).
+
+    By default glibc maps every allocation above its (adaptive, at most 32 MiB) threshold afresh and
+    unmaps it on free, so each large activation tensor is page-faulted and zeroed again on every call;
+    with thresholds of 1 GiB the buffers are reused. Measured on this project's 2-core machines: oracle
+    inference at batch 1000 2.2x faster, a plain composed model 1.3x. The command-line tool and the
+    service call this once at start; a library user may too. Returns whether it took effect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
