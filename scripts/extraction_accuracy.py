@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -71,9 +71,9 @@ def straightforward(pool: str, tasks: list[str] | None) -> dict:
 def default(pool: str, tasks: list[str] | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         copy = os.path.join(tmp, "pool.db")
-        src = Store(pool, readonly=True)
-        src.close()
-        shutil.copyfile(pool, copy)
+        Store(pool, readonly=True).close()  # refuses a damaged or foreign file
+        with sqlite3.connect(pool) as src, sqlite3.connect(copy) as dst:  # a consistent copy, WAL included
+            src.backup(dst)
         store = Store(copy)
         cat = store.catalog
         hierarchy, rec, seed = Hierarchy.from_json(cat["hierarchy"]), recipe_from_json(cat["recipe"]), cat["seed"]

@@ -61,3 +61,46 @@ def test_training_a_group_of_one_equals_training_alone():
     fit(group, batches, lambda m, b: ckd_loss(m(b[0])[0], b[1][:, idx]), cfg, rt, seed=3)
     for k, v in group.unpack()[0].state_dict().items():
         assert torch.equal(v, alone.state_dict()[k]), k
+
+
+def test_first_activation_equals_each_experts_own_batchnorm():
+    experts = _experts()
+    group = ExpertGroup(experts)
+    f = torch.randn(6, 8, 8, 8)
+    for mode in (False, True):
+        group.train(mode)
+        with torch.no_grad():
+            a = group.first_activation(f)
+        for i, e in enumerate(experts):
+            e.train(mode)
+            with torch.no_grad():
+                want = torch.relu(e.block3.layer[0].bn1(f))
+            assert (a[:, 8 * i:8 * (i + 1)] - want).abs().max() < 1e-5
+    # in training, the K running statistics moved exactly as each expert's own BatchNorm's did
+    bn = group.blocks[0].bn1
+    for i, e in enumerate(experts):
+        own = e.block3.layer[0].bn1
+        assert torch.allclose(bn.running_mean[8 * i:8 * (i + 1)], own.running_mean, atol=1e-6)
+        assert torch.allclose(bn.running_var[8 * i:8 * (i + 1)], own.running_var, atol=1e-6)
+
+
+def test_training_a_group_equals_training_each_expert_alone():
+    """Joint training is K separate trainings computed together (up to float rounding)."""
+    rt = resolve_runtime("cpu", "fp32", progress=False)
+    feats, logits = torch.randn(256, 8, 8, 8), torch.randn(256, 5)
+    idxs = [torch.tensor([1, 3]), torch.tensor([0, 2, 4]), torch.tensor([2, 3])]
+
+    def batches(epoch, g):
+        order = torch.randperm(256, generator=g)
+        for i in range(0, 256, 64):
+            yield feats[order[i:i + 64]], logits[order[i:i + 64]]
+
+    cfg = TrainConfig(2, 0.05, (1,), batch_size=64)
+    alone = _experts()
+    for e, idx in zip(alone, idxs):
+        fit(e, batches, lambda m, b, idx=idx: ckd_loss(m(b[0]), b[1][:, idx]), cfg, rt, seed=3)
+    group = ExpertGroup(_experts())
+    fit(group, batches, lambda m, b: sum(ckd_loss(o, b[1][:, i]) for o, i in zip(m(b[0]), idxs)), cfg, rt, seed=3)
+    for got, want in zip(group.unpack(), alone):
+        for k, v in got.state_dict().items():
+            assert torch.allclose(v.float(), want.state_dict()[k].float(), atol=1e-4), k

@@ -29,3 +29,14 @@ def test_fit_is_reproducible_and_learns():
 
 def test_schedule_scaling():
     assert TrainConfig(200, 0.1, (80, 160)).scaled(10).milestones == (4, 8)
+
+
+def test_tune_allocator_takes_effect_on_glibc():
+    import platform
+    import sys
+
+    from expertpool.train import tune_allocator
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert tune_allocator() is True

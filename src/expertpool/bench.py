@@ -8,9 +8,12 @@ extraction is timed on Fashion-MNIST when it is installed, else on the synthetic
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -204,13 +207,30 @@ def bench_extraction(quick: bool) -> dict:
             "extraction_speedup": round(online_s / per_expert, 2)}
 
 
+def bench_fused_glibc_default(pool_path: str, quick: bool) -> dict:
+    """``bench_fused`` in a fresh process whose allocator is left as glibc sets it (see ``tune_allocator``):
+    the plain model's throughput depends on it far more than the fused one's."""
+    code = ("import json, sys; from expertpool.bench import bench_fused; "
+            "print(json.dumps(bench_fused(sys.argv[1], sys.argv[2] == '1')))")
+    done = subprocess.run([sys.executable, "-c", code, pool_path, "1" if quick else "0"], capture_output=True,
+                          text=True, check=True)
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"glibc_default_plain_images_per_s": r["plain_images_per_s"],
+            "glibc_default_fused_images_per_s": r["fused_images_per_s"],
+            "glibc_default_fused_speedup": r["fused_speedup"]}
+
+
 def run(cfg: BenchConfig) -> dict:
-    out = {"machine": machine(), "quick": cfg.quick, "torch_threads": torch.get_num_threads()}
+    from .train import tune_allocator
+
+    out = {"machine": machine(), "quick": cfg.quick, "torch_threads": torch.get_num_threads(),
+           "allocator_tuned": tune_allocator()}
     with tempfile.TemporaryDirectory() as tmp:
         pool_path = cfg.pool or make_bench_pool(os.path.join(tmp, "bench.db"))
         out["pool"] = cfg.pool or "random weights, cpu preset Fashion-MNIST shapes"
         out.update(bench_compose(pool_path, cfg.quick))
         out.update(bench_fused(pool_path, cfg.quick))
+        out.update(bench_fused_glibc_default(pool_path, cfg.quick))
         out.update(bench_export(pool_path, cfg.quick))
     out.update(bench_extraction(cfg.quick))
     return out
@@ -222,4 +242,7 @@ def markdown(result: dict, command: str) -> str:
             "Ratios are measured side by side in one run; absolute times vary with the machine's load.\n\n"
             "| figure | value |\n|---|---|\n" + rows + "\n\n"
             "Goals (issue 6): compose_ms_p50 <= 1, compose_cold_ms_p50 <= 20, export_onnx_ms_p50 <= 50, "
-            "fused_speedup >= 1.5 (batch 256, n(Q) = 5), extraction_speedup >= 10.\n")
+            "fused_speedup >= 1.5 (batch 256, n(Q) = 5), extraction_speedup >= 10.\n\n"
+            "`allocator_tuned`: the command-line tool lets glibc keep freed large buffers in the heap "
+            "(`expertpool.train.tune_allocator`), which makes the plain model much faster; the `glibc_default_*` "
+            "figures are the same inference measurement in a fresh process with glibc's default allocator.\n")

@@ -2,7 +2,8 @@
 
 * All chosen experts become ONE network: every convolution of the K experts becomes one grouped
   convolution (``groups=K``), every BatchNorm one BatchNorm over the K experts' channels side by side, and
-  the K last layers one block-diagonal linear layer. The experts' shared input is repeated K times once.
+  the K last layers one block-diagonal linear layer. The K first BatchNorms read the same input, so their
+  K activated outputs are written in one pass from it, as ``[N, H, W, K, C]``.
 * Every BatchNorm that directly follows a convolution (``bn2`` after ``conv1`` in each block, in the library
   and in the experts) is folded into that convolution.
 * Activations are kept channels-last (NHWC) from end to end: oneDNN's convolutions, grouped ones above all,
@@ -135,6 +136,7 @@ class FusedExperts(nn.Module):
                 row += sizes[i]
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
+        f = f.contiguous(memory_format=CHANNELS_LAST)
         first = self.blocks[0]
         if first.shortcut is None:  # the residual needs the K copies of the input after all
             h = first(f.repeat(1, self.k, 1, 1).contiguous(memory_format=CHANNELS_LAST))
