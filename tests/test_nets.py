@@ -42,3 +42,27 @@ def test_mobilenet_split_shapes():
     f = lib(torch.zeros(1, 3, 224, 224))
     assert f.shape == (1, 320, 7, 7)
     assert create({"arch": "mobilenet_v2_expert", "num_classes": 11}).eval()(f).shape == (1, 11)
+
+
+def test_networks_built_for_loading_skip_only_their_random_init():
+    import threading
+
+    from expertpool.nets import create, weights_to_be_loaded
+
+    cfg = {"arch": "wrn_expert", "num_classes": 3, "in_channels": 8, "depth": 10, "width": 0.25}
+    torch.manual_seed(0)
+    reference = create(cfg)
+    seen_in_thread = {}
+    with weights_to_be_loaded():
+        net = create(cfg)
+        # context-local: another thread building a network meanwhile still initializes it
+        t = threading.Thread(target=lambda: seen_in_thread.update(net=(torch.manual_seed(0), create(cfg))[1]))
+        t.start()
+        t.join()
+    net.load_state_dict(reference.state_dict())  # strict: every tensor is overwritten
+    for k, v in reference.state_dict().items():
+        assert torch.equal(net.state_dict()[k], v), k
+        assert torch.equal(seen_in_thread["net"].state_dict()[k], v), k
+    torch.manual_seed(0)  # the usual init is untouched outside the context (same random draws as before)
+    for k, v in create(cfg).state_dict().items():
+        assert torch.equal(v, reference.state_dict()[k]), k

@@ -102,3 +102,50 @@ def test_rebuild_is_a_no_op(tiny_pool_copy):
     code, out, err = _cli("build", "--dataset", "synthetic", "--preset", "tiny", "--pool", str(tiny_pool_copy), "--no-progress")
     assert code == 0 and "all found in pool" in err
     assert expertpool.open_pool(tiny_pool_copy).store.summary("expert/beta")["sha256"] == before
+
+
+def test_training_mode_of_one_composed_model_does_not_leak_into_the_next(tiny_pool_path):
+    pool = expertpool.open_pool(tiny_pool_path)
+    pool.compose(["alpha", "beta"]).train()  # its library and experts are the pool's cached ones
+    again = pool.compose(["beta", "alpha"])
+    assert not any(m.training for m in again.modules())
+    x = torch.randn(4, *pool.input_shape)
+    with torch.no_grad():
+        assert torch.equal(again(x), again(x))  # eval-mode BatchNorm: no batch statistics
+
+
+def test_an_open_pool_sees_tasks_removed_and_replaced_by_another_connection(tiny_pool_copy):
+    from expertpool.build import remove_task
+    from expertpool.errors import UserError
+    from expertpool.store import Store, expert_name
+
+    pool = expertpool.open_pool(tiny_pool_copy)
+    x = torch.randn(3, *pool.input_shape)
+    with torch.no_grad():
+        before = pool.compose(["beta"])(x)
+    assert "alpha" in pool.tasks
+    remove_task(str(tiny_pool_copy), "alpha")  # its own connection, as another process would
+    assert "alpha" not in pool.tasks
+    with pytest.raises(UserError, match="alpha"):
+        pool.compose(["alpha", "beta"])
+    # beta's expert replaced in the file: the pool drops its cached copy and answers with the new weights
+    writer = Store(tiny_pool_copy)
+    old = writer.get(expert_name("beta"))
+    changed = old.build()
+    with torch.no_grad():
+        changed.fc.bias.add_(1.0)
+    writer.put(expert_name("beta"), "expert", changed, old.meta, old.metrics, task="beta")
+    writer.close()
+    with torch.no_grad():
+        after = pool.compose(["beta"])(x)
+    assert torch.allclose(after, before + 1.0, atol=1e-5)
+    assert pool.expert_sha256("beta") != old.sha256
+
+
+def test_composing_from_a_warm_pool_takes_well_under_a_millisecond(tiny_pool_path):
+    """Issue 6's figure is measured by ``expertpool bench``; this only guards against a gross regression."""
+    from expertpool.evaluate import timeit_ms
+
+    pool = expertpool.open_pool(tiny_pool_path)
+    pool.compose(pool.tasks)
+    assert timeit_ms(lambda: pool.compose(pool.tasks), repeat=200)["p50"] < 1.0

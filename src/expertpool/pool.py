@@ -11,6 +11,8 @@ share these weights (deep-copy a model before changing its weights).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 
 from torch import nn
@@ -25,11 +27,26 @@ class Pool:
     def __init__(self, path: str | os.PathLike, readonly: bool = True):
         self.store = Store(path, readonly=readonly)
         self.path = self.store.path
-        self.catalog = self.store.catalog
-        if "hierarchy" not in self.catalog:
+        self._cache: dict[str, tuple[str, nn.Module, dict]] = {}  # name -> (sha256, module, metadata)
+        self._data_version: int | None = None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Read the catalog and the stored tasks again if another connection has committed since (an
+        ``add-task`` or ``remove-task`` while a service runs); SQLite's ``data_version`` says when, for the
+        price of one pragma, so this runs before every query. Cached parts whose hash changed are dropped."""
+        version = self.store.data_version()
+        if version == self._data_version:
+            return
+        catalog = self.store.catalog
+        if "hierarchy" not in catalog:
             raise UserError(f"pool {self.path} has no catalog yet (its build has not started properly)")
-        self.hierarchy = Hierarchy.from_json(self.catalog["hierarchy"])
-        self._cache: dict[str, tuple[str, nn.Module, dict]] = {}
+        hashes = self.store.hashes()
+        self.catalog, self.hierarchy = catalog, Hierarchy.from_json(catalog["hierarchy"])
+        self._cache = {n: entry for n, entry in self._cache.items() if hashes.get(n) == entry[0]}
+        self._tasks = [t for t in self.hierarchy.tasks if expert_name(t) in hashes]
+        self._has_library = "library" in hashes
+        self._data_version = version
 
     # ------------------------------------------------------------------ what is in the pool
     @property
@@ -39,8 +56,8 @@ class Pool:
     @property
     def tasks(self) -> list[str]:
         """Primitive tasks that have an expert, in hierarchy order."""
-        stored = {n.split("/", 1)[1] for n in self.store.names("expert")}
-        return [t for t in self.hierarchy.tasks if t in stored]
+        self._refresh()
+        return list(self._tasks)
 
     def task_classes(self, task: str) -> list[str]:
         return [self.classes[c] for c in self.hierarchy.task_classes(task)]
@@ -58,41 +75,63 @@ class Pool:
 
     # ------------------------------------------------------------------ loading parts
     def _load(self, name: str) -> tuple[str, nn.Module, dict]:
+        """A stored network (hash, module in eval mode, metadata), loaded once and then kept in memory."""
         if name not in self._cache:
-            c = self.store.get(name)
-            self._cache[name] = (c.sha256, c.build(), c.meta)
-        return self._cache[name]
+            with _gc_paused():
+                c = self.store.get(name)
+                self._cache[name] = (c.sha256, c.build(), c.meta)
+        entry = self._cache[name]
+        if entry[1].training:  # a caller put a composed model, so these shared parts, in training mode
+            entry[1].eval()
+        return entry
 
     def library(self) -> nn.Module:
-        if not self.store.has("library"):
-            raise UserError(f"pool {self.path} has no library yet (its build did not get that far)")
-        return self._load("library")[1]
+        self._refresh()
+        return self._library()[1]
 
     def library_sha256(self) -> str:
-        return self._load("library")[0]
+        self._refresh()
+        return self._library()[0]
 
     def expert(self, task: str) -> nn.Module:
-        if task not in self.hierarchy.tasks:
-            raise UserError(f"unknown task {task!r}; valid tasks: {', '.join(self.tasks)}")
-        if not self.store.has(expert_name(task)):
-            raise UserError(f"task {task!r} has no expert in pool {self.path} yet; valid tasks: {', '.join(self.tasks)}")
-        _, module, meta = self._load(expert_name(task))
-        if meta.get("library_sha256") != self.library_sha256():
+        self._refresh()
+        return self._expert(task)[1]
+
+    def expert_sha256(self, task: str) -> str:
+        self._refresh()
+        return self._expert(task)[0]
+
+    def _library(self) -> tuple[str, nn.Module, dict]:
+        if not self._has_library:
+            raise UserError(f"pool {self.path} has no library yet (its build did not get that far)")
+        return self._load("library")
+
+    def _expert(self, task: str) -> tuple[str, nn.Module, dict]:
+        if task not in self._tasks:
+            if task in self.hierarchy.tasks:
+                raise UserError(f"task {task!r} has no expert in pool {self.path} yet; "
+                                f"valid tasks: {', '.join(self._tasks)}")
+            raise UserError(f"unknown task {task!r}; valid tasks: {', '.join(self._tasks)}")
+        entry = self._load(expert_name(task))
+        library_sha = self._library()[0]
+        if entry[2].get("library_sha256") != library_sha:
             raise UserError(f"expert {task!r} was trained against another library "
-                            f"({str(meta.get('library_sha256'))[:12]}), not this pool's ({self.library_sha256()[:12]})")
-        return module
+                            f"({str(entry[2].get('library_sha256'))[:12]}), not this pool's ({library_sha[:12]})")
+        return entry
 
     # ------------------------------------------------------------------ composite tasks
     def check_query(self, tasks: list[str]) -> list[str]:
-        tasks = list(tasks)
+        """The query as a list, or a ``UserError`` for an empty query, a duplicate or an unknown task."""
+        self._refresh()
+        tasks, valid = list(tasks), self._tasks
         if not tasks:
-            raise UserError(f"empty query: name one or more tasks; valid tasks: {', '.join(self.tasks)}")
+            raise UserError(f"empty query: name one or more tasks; valid tasks: {', '.join(valid)}")
         dup = sorted({t for t in tasks if tasks.count(t) > 1})
         if dup:
             raise UserError(f"duplicate task(s) in query: {', '.join(dup)}")
         for t in tasks:
-            if t not in self.tasks:
-                raise UserError(f"unknown task {t!r}; valid tasks: {', '.join(self.tasks)}")
+            if t not in valid:
+                raise UserError(f"unknown task {t!r}; valid tasks: {', '.join(valid)}")
         return tasks
 
     def compose(self, tasks: list[str], fused: bool = False) -> ComposedModel:
@@ -102,10 +141,12 @@ class Pool:
         folded (``fuse.FusedComposedModel``): faster inference, equal outputs up to float rounding.
         """
         tasks = self.check_query(tasks)
-        experts = [self.expert(t) for t in tasks]
+        experts = [self._expert(t)[1] for t in tasks]
         ids = [c for t in tasks for c in self.hierarchy.tasks[t]]
         sizes = [len(self.hierarchy.tasks[t]) for t in tasks]
-        model = ComposedModel(self.library(), experts, tasks, [self.classes[c] for c in ids], ids, sizes).eval()
+        model = ComposedModel(self._library()[1], experts, tasks, [self.classes[c] for c in ids], ids, sizes)
+        model.training = model.experts.training = False  # the parts are in eval mode already (``_load``),
+        # so the composed model is put in eval mode without a walk over all its submodules
         if fused:
             from .fuse import fuse
 
@@ -114,6 +155,20 @@ class Pool:
 
     def close(self) -> None:
         self.store.close()
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Building a network makes thousands of small objects, and the collections they trigger walk the
+    ~200,000 objects that importing torch leaves alive: a third of a cold compose's time, and most of its
+    spread. The collector is paused for the few milliseconds a part takes to load (if it was on)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 def open_pool(path: str | os.PathLike) -> Pool:

@@ -185,7 +185,7 @@ class ModelService:
         from .store import expert_name
 
         parts = {"v": 1, "library": self.pool.library_sha256(),
-                 "experts": [[t, self.pool._load(expert_name(t))[0]] for t in tasks],
+                 "experts": [[t, self.pool.expert_sha256(t)] for t in tasks],
                  "keep": keep, "format": fmt, "input": self.spec}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -83,9 +83,10 @@ class Component:
 
     def build(self) -> torch.nn.Module:
         """The network with its weights loaded, in eval mode."""
-        from .nets import create
+        from .nets import create, weights_to_be_loaded
 
-        net = create(self.config)
+        with weights_to_be_loaded():
+            net = create(self.config)
         net.load_state_dict(self.tensors)
         return net.eval()
 
@@ -288,6 +289,14 @@ class Store:
         if kind:
             return [r[0] for r in self._query("SELECT name FROM components WHERE kind = ? ORDER BY rowid", (kind,))]
         return [r[0] for r in self._query("SELECT name FROM components ORDER BY rowid")]
+
+    def hashes(self) -> dict[str, str]:
+        """name -> sha256 of every stored component (without reading any blob)."""
+        return dict(self._query("SELECT name, sha256 FROM components"))
+
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version``: changes when another connection commits to the file."""
+        return self._query("PRAGMA data_version")[0][0]
 
     def has(self, name: str) -> bool:
         return bool(self._query("SELECT 1 FROM components WHERE name = ?", (name,)))
