@@ -126,3 +126,32 @@ def test_cli_query_export(tiny_pool_path, pool, tmp_path, capsys):
     assert answer["export"]["path"] == str(out) and answer["export"]["bytes"] == out.stat().st_size
     assert main(["query", "--pool", str(tiny_pool_path), "--tasks", pool.tasks[0], "--export", str(tmp_path / "x.doc")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_assembled_onnx_is_the_bare_network_and_templates_refill_with_other_weights(pool):
+    exporter = Exporter()
+    tasks = pool.tasks[:3]
+    model = pool.compose(tasks)
+    proto = onnx.load_from_string(exporter.onnx_bytes(model, pool.input_spec))
+    ops = {n.op_type for n in proto.graph.node}
+    assert not ops & {"Shape", "Expand", "CastLike", "Constant"}, ops  # the exporter's zero-bias plumbing, folded
+    assert not any(n.metadata_props for n in proto.graph.node)  # no per-node Python stacks
+    names = {i.name for i in proto.graph.initializer}
+    for key in model.library.state_dict():
+        if not key.endswith("num_batches_tracked"):
+            assert f"lib/{key}" in names, key  # every weight kept by name (BatchNorms not folded away)
+    # the same templates, filled with other weights, give the other model's outputs
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for m in other.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.add_(0.1)
+    blob = exporter.onnx_bytes(other, pool.input_spec)
+    x = torch.randn(3, *pool.input_shape)
+    with torch.no_grad():
+        want, before = other(x).numpy(), model(x).numpy()
+    assert np.abs(_ort(blob, x) - want).max() < 1e-4
+    assert np.abs(want - before).max() > 1e-2  # the two models really differ

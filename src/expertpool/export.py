@@ -27,6 +27,7 @@ import json
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -124,43 +125,106 @@ def _torch_onnx(module: nn.Module, example: torch.Tensor, optimize: bool) -> "on
     return program.model_proto
 
 
-def _signature(module: nn.Module, example: torch.Tensor) -> tuple:
+def _signature(module: nn.Module, state: dict, example: torch.Tensor) -> tuple:
     return (type(module).__name__, tuple(example.shape[1:]),
-            tuple((k, tuple(v.shape)) for k, v in module.state_dict().items() if not k.startswith("expert.fc.")))
+            tuple((k, tuple(v.shape)) for k, v in state.items() if not k.startswith("expert.fc.")))
+
+
+def fold_all_but_weights(model: "onnx.ModelProto", weights: set[str]) -> "onnx.ModelProto":  # noqa: F821
+    """``model`` with everything that does not depend on the initializers named in ``weights`` folded away
+    (onnxscript's optimizer), those initializers kept as they are, by name.
+
+    torch's exporter, unoptimized, builds a zero bias for every bias-free convolution out of Shape / Expand /
+    CastLike nodes and tags every node with its Python stack: three times the nodes and twice the bytes of
+    the real network, which ONNX Runtime then loads and runs. Optimized, it folds each BatchNorm into the
+    convolution before it, so the weights could no longer be refilled by name. Presented as graph *inputs*
+    while the optimizer runs, the weights cannot be folded into anything; all else that can be, is."""
+    import onnx
+    from onnx import helper
+    from onnxscript import optimizer
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    held = [i for i in g.initializer if i.name in weights]
+    rest = [i for i in g.initializer if i.name not in weights]
+    del g.initializer[:]
+    g.initializer.extend(rest)
+    g.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in held)
+    out = optimizer.optimize(m)
+    g = out.graph
+    inputs = [v for v in g.input if v.name not in weights]
+    del g.input[:]
+    g.input.extend(inputs)
+    g.initializer.extend(held)
+    for node in g.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return out
+
+
+@dataclass
+class _Template:
+    """One part's ONNX graph, names prefixed, ready to be filled with a module's weights."""
+
+    nodes: list  # NodeProto
+    constants: list  # initializers that do not come from the state dict (shapes of reshapes, zero biases)
+    weights: list[tuple[str, str]]  # (state-dict key, initializer name)
+    input: str
+    output: str
+    opsets: dict[str, int]
+    ir_version: int
+    out_shape: tuple
 
 
 class Exporter:
-    """Builds export bytes; keeps ONNX templates (one per part architecture) in a small bounded cache."""
+    """Builds export bytes; keeps ONNX templates (one per part architecture and position) in bounded caches."""
 
     def __init__(self, max_templates: int = 32):
-        self._templates: collections.OrderedDict = collections.OrderedDict()
+        self._bases: collections.OrderedDict = collections.OrderedDict()  # signature -> (proto, out shape)
+        self._prefixed: collections.OrderedDict = collections.OrderedDict()  # (signature, prefix) -> _Template
         self._max = max_templates
         self._lock = threading.RLock()  # torch.export is not meant to run in several threads at once
 
-    # ----------------------------------------------------------- ONNX parts
-    def _part(self, module: nn.Module, example: torch.Tensor, prefix: str):
-        """(ONNX graph of ``module`` with its weights and every name prefixed with ``prefix``, output shape)."""
-        import onnx
-        from onnx import compose, numpy_helper
+    @staticmethod
+    def _remember(cache: collections.OrderedDict, key, make, limit: int):
+        if key not in cache:
+            cache[key] = make()
+            while len(cache) > limit:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
 
-        key = _signature(module, example)
+    # ----------------------------------------------------------- ONNX parts
+    def _template(self, module: nn.Module, state: dict, example: torch.Tensor, prefix: str) -> _Template:
+        from onnx import compose
+
+        key = _signature(module, state, example)
+
+        def base():
+            with torch.no_grad():
+                out_shape = tuple(module(example).shape[1:])
+            proto = _torch_onnx(module, example, optimize=False)  # initializers keep their state-dict names
+            return fold_all_but_weights(proto, set(state)), out_shape
+
+        def prefixed():
+            proto, out_shape = self._remember(self._bases, key, base, self._max)
+            part = compose.add_prefix(proto, prefix)
+            weights = [(i.name[len(prefix):], i.name) for i in part.graph.initializer if i.name[len(prefix):] in state]
+            named = {n for _, n in weights}
+            return _Template(list(part.graph.node), [i for i in part.graph.initializer if i.name not in named],
+                             weights, part.graph.input[0].name, part.graph.output[0].name,
+                             {o.domain: o.version for o in part.opset_import}, part.ir_version, out_shape)
+
         with self._lock:
-            if key not in self._templates:
-                # unoptimized: initializers keep their state-dict names (no BN folding), so they can be refilled
-                with torch.no_grad():
-                    out_shape = tuple(module(example).shape[1:])
-                self._templates[key] = (_torch_onnx(module, example, optimize=False), out_shape)
-                while len(self._templates) > self._max:
-                    self._templates.popitem(last=False)
-            self._templates.move_to_end(key)
-            template, out_shape = self._templates[key]
-        part = onnx.ModelProto()
-        part.CopyFrom(template)
-        state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-        for init in part.graph.initializer:
-            if init.name in state:
-                init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(state[init.name].numpy()), init.name))
-        return compose.add_prefix(part, prefix), out_shape
+            return self._remember(self._prefixed, (key, prefix), prefixed, 8 * self._max)
+
+    @staticmethod
+    def _weights(state: dict, template: _Template) -> list:
+        from onnx import numpy_helper
+
+        return [numpy_helper.from_array(np.ascontiguousarray(state[k].detach().cpu().numpy()), name)
+                for k, name in template.weights]
 
     def _assemble(self, model: nn.Module, spec: dict):
         """ONNX of library + experts' feature stacks + one Gemm per expert + Concat, or None if not that shape."""
@@ -172,24 +236,25 @@ class Exporter:
                 not hasattr(e, "forward_features") or not isinstance(getattr(e, "fc", None), nn.Linear)
                 for e in experts):
             return None
-        lib, feat_shape = self._part(library, _example(spec), "lib/")
-        feats = torch.zeros(2, *feat_shape)
-        nodes = [helper.make_node("Identity", ["input"], [lib.graph.input[0].name])] + list(lib.graph.node)
-        inits = list(lib.graph.initializer)
-        opsets = {o.domain: o.version for o in lib.opset_import}
-        outs = []
+        state = library.state_dict()
+        lib = self._template(library, state, _example(spec), "lib/")
+        feats = torch.zeros(2, *lib.out_shape)
+        nodes = [helper.make_node("Identity", ["input"], [lib.input]), *lib.nodes]
+        inits = [*lib.constants, *self._weights(state, lib)]
+        opsets, outs = dict(lib.opsets), []
         for i, expert in enumerate(experts):
-            part, _ = self._part(_Features(expert), feats, f"e{i}/")
-            nodes.append(helper.make_node("Identity", [lib.graph.output[0].name], [part.graph.input[0].name]))
-            nodes += list(part.graph.node)
-            inits += list(part.graph.initializer)
-            for o in part.opset_import:
-                opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+            features = _Features(expert)
+            state = features.state_dict()
+            part = self._template(features, state, feats, f"e{i}/")
+            nodes += [helper.make_node("Identity", [lib.output], [part.input]), *part.nodes]
+            inits += [*part.constants, *self._weights(state, part)]
+            for domain, version in part.opsets.items():
+                opsets[domain] = max(opsets.get(domain, 0), version)
             w, b = expert.fc.weight.detach().cpu().numpy(), expert.fc.bias
             b = (b.detach().cpu().numpy() if b is not None else np.zeros(w.shape[0], dtype=np.float32))
             inits += [numpy_helper.from_array(np.ascontiguousarray(w), f"e{i}/fc.weight"),
                       numpy_helper.from_array(np.ascontiguousarray(b), f"e{i}/fc.bias")]
-            nodes.append(helper.make_node("Gemm", [part.graph.output[0].name, f"e{i}/fc.weight", f"e{i}/fc.bias"],
+            nodes.append(helper.make_node("Gemm", [part.output, f"e{i}/fc.weight", f"e{i}/fc.bias"],
                                           [f"e{i}/logits"], transB=1))
             outs.append(f"e{i}/logits")
         nodes.append(helper.make_node("Concat", outs, ["logits"], axis=1))
