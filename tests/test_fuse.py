@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 import expertpool
-from expertpool.fuse import FusedExperts, PatchStem, fold_conv_bn, fuse
+from expertpool.fuse import (ConvStem, FusedComposedModel, FusedExperts, PatchStem, SeparateExperts, conv_add_,
+                             conv_relu, fold_conv_bn, fuse)
 from expertpool.nets import WRNExpert
 
 
@@ -25,11 +26,53 @@ def test_fused_equals_plain(tiny_pool_path, tasks):
     plain, fused = pool.compose(tasks), pool.compose(tasks, fused=True)
     assert fused.labels == plain.labels and fused.label_groups == plain.label_groups
     assert fused.class_ids == plain.class_ids
+    assert fused.choices["experts"] in ("grouped", "separate") and not fused.training
     x = torch.randn(16, *pool.input_shape)
+    kept = x.clone()
     with torch.no_grad():
         assert (fused(x) - plain(x)).abs().max().item() < 1e-5
-    # fusing copies: the pool's own experts are untouched
-    assert fused.experts.blocks[0].conv1.weight.data_ptr() != pool.expert(tasks[0]).block3.layer[0].conv1.weight.data_ptr()
+    assert torch.equal(x, kept)  # in-place additions never touch the caller's tensor
+    # fusing copies: the pool's own weights are untouched
+    pool_weights = {p.data_ptr() for p in plain.parameters()}
+    assert not pool_weights & {p.data_ptr() for p in fused.parameters()}
+
+
+@pytest.mark.parametrize("experts", ["grouped", "separate"])
+def test_both_ways_of_running_the_experts_equal_plain(tiny_pool_path, experts):
+    pool = expertpool.open_pool(tiny_pool_path)
+    plain = pool.compose(["gamma", "alpha", "delta"])
+    fused = fuse(plain, experts=experts)
+    assert isinstance(fused.experts, FusedExperts if experts == "grouped" else SeparateExperts)
+    assert fused.choices == {"stem": "conv", "experts": experts}
+    x = torch.randn(9, *pool.input_shape)
+    with torch.no_grad():
+        assert (fused(x) - plain(x)).abs().max().item() < 1e-5
+
+
+def test_auto_choices_are_measured_on_the_probe_and_unknown_ones_refused(tiny_pool_path):
+    pool = expertpool.open_pool(tiny_pool_path)
+    plain = pool.compose(["alpha", "beta"])
+    assert fuse(plain).choices == {"stem": "conv", "experts": "separate"}  # no probe: the documented defaults
+    probed = fuse(plain, probe=torch.randn(32, *pool.input_shape))
+    assert probed.choices["experts"] in ("grouped", "separate")
+    with pytest.raises(ValueError, match="unknown"):
+        fuse(plain, experts="sideways")
+    with pytest.raises(ValueError, match="one-channel"):
+        fuse(plain, stem="patch")  # the tiny pool's images have three channels
+
+
+@pytest.mark.parametrize("shortcut", [False, True])
+def test_convolutions_with_post_ops_equal_the_separate_ops(shortcut):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, 1, 1, bias=True).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert (conv_relu(x, conv) - conv(x).relu()).abs().max() < 1e-6
+        out = torch.randn(4, 8, 10, 10)
+        out = out.contiguous(memory_format=torch.channels_last) if shortcut else out  # NCHW: the plain fallback
+        want = out + conv(x)
+        got = conv_add_(out, x, conv)
+        assert got.data_ptr() == out.data_ptr() and (got - want).abs().max() < 1e-5
 
 
 def test_experts_of_different_shapes_are_refused():
@@ -58,7 +101,7 @@ def test_large_batches_run_as_micro_batches_with_equal_outputs(tiny_pool_path):
         assert torch.equal(fused(x)[4:8], fused(x[4:8]))
 
 
-def test_one_channel_library_is_fused_with_a_patch_stem():
+def test_one_channel_library_is_fused_with_either_stem():
     from expertpool.compose import ComposedModel
     from expertpool.nets import WRNLibrary
 
@@ -66,8 +109,10 @@ def test_one_channel_library_is_fused_with_a_patch_stem():
     library = WRNLibrary(10, 1, in_channels=1).eval()
     experts = [WRNExpert(n, library.out_channels, 10, 0.25).eval() for n in (2, 3)]
     plain = ComposedModel(library, experts, ["a", "b"], list("xyzuv"), [0, 1, 2, 3, 4], [2, 3])
-    fused = fuse(plain)
-    assert isinstance(fused.library.conv1, PatchStem)
     x = torch.randn(6, 1, 28, 28)
-    with torch.no_grad():
-        assert (fused(x) - plain(x)).abs().max().item() < 1e-5
+    for stem, kind in (("patch", PatchStem), ("conv", ConvStem)):
+        fused = fuse(plain, stem=stem)
+        assert isinstance(fused.library.conv1, kind)
+        with torch.no_grad():
+            assert (fused(x) - plain(x)).abs().max().item() < 1e-5
+    assert fuse(plain, probe=x).choices["stem"] in ("patch", "conv")

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
 def cmd_bench(cfg) -> int:
-    from .bench import markdown, run
+    from .bench import README_END, README_START, fill_readme, markdown, run
+    from .errors import UserError
 
+    if cfg.readme and not (os.path.isfile(cfg.readme) and README_START in open(cfg.readme).read()
+                           and README_END in open(cfg.readme).read()):
+        raise UserError(f"{cfg.readme} has no {README_START} ... {README_END} markers")  # before minutes of work
     result = run(cfg)
+    command = "expertpool " + " ".join(sys.argv[1:])
     if cfg.out:
         with open(cfg.out, "w") as f:
-            f.write(markdown(result, "expertpool " + " ".join(sys.argv[1:])))
+            f.write(markdown(result, command))
+    if cfg.readme:
+        fill_readme(cfg.readme, result, command)
     if cfg.json:
         print(json.dumps(result))
     else:
@@ -31,3 +39,4 @@ def add_commands(sub, pool_sub) -> None:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--pool", help="benchmark this pool instead of a random-weight one of the cpu preset's shapes")
     b.add_argument("--out", help="also write a Markdown report (e.g. docs/results/performance.md)")
+    b.add_argument("--readme", help="also put the goals table between the bench markers of this README")

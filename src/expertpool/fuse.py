@@ -1,28 +1,35 @@
 """Fused inference: the same composite model, rewritten for speed, numerically equal to the plain one.
 
-* All chosen experts become ONE network: every convolution of the K experts becomes one grouped
-  convolution (``groups=K``), every BatchNorm one BatchNorm over the K experts' channels side by side, and
-  the K last layers one block-diagonal linear layer. The K first BatchNorms read the same input, so their
-  K activated outputs are written in one pass from it, as ``[N, H, W, K, C]``.
-* Every BatchNorm that directly follows a convolution (``bn2`` after ``conv1`` in each block, in the library
-  and in the experts) is folded into that convolution.
-* Activations are kept channels-last (NHWC) from end to end: oneDNN's convolutions, grouped ones above all,
-  are several times faster on NHWC than on NCHW tensors, which make it reorder every input and output.
-* ReLUs and residual additions run in place, so a block allocates three tensors instead of seven.
-* A large batch runs as micro-batches of at most 128 images: every intermediate tensor then stays under
-  glibc's 32 MiB mmap ceiling and is recycled from the heap instead of being mapped and page-faulted
-  afresh on every call, which made the fused model's throughput swing by a third from call to call.
-* A stem convolution over one input channel (Fashion-MNIST) is one matrix product over 3x3 patches, which
-  oneDNN's one-channel path is about 3x slower than.
+A plain composed model runs 7 small layers per block in PyTorch's default NCHW layout. The fused one:
 
-Measured on the cpu preset's Fashion-MNIST shapes by ``expertpool bench`` (``fused_speedup``).
-Only WideResNet experts (``WRNExpert``) of one shape are fused; ``fuse`` refuses others with a ValueError.
-Plain: ``ComposedModel``; fused: ``FusedComposedModel``, same ``labels`` / ``label_groups`` / ``class_ids``.
+* **folds** every BatchNorm that directly follows a convolution (``bn2`` after ``conv1`` in each block) into
+  that convolution, and keeps every other BatchNorm as a per-channel scale and shift;
+* keeps activations **channels-last** (NHWC) from end to end: oneDNN's convolutions are much faster on NHWC
+  tensors than on NCHW ones, which it must reorder on every call;
+* runs each block as **three passes**: ``a = relu(bn1(x))``, ``h = relu(conv1(a))`` and ``x += conv2(h)``,
+  the ReLU and the residual addition done inside oneDNN's convolution as post-ops
+  (``torch.ops.mkldnn._convolution_pointwise``, the kernels ``torch.compile`` itself uses on CPU) instead of
+  as separate passes over memory (on another device, or without oneDNN, they are plain PyTorch ops);
+* runs the experts either as **one grouped network** (every convolution of the K experts one grouped
+  convolution, ``groups=K``, and their K last layers one block-diagonal linear layer) or as K separately
+  fused experts: which is faster depends on the CPU (oneDNN's grouped kernels are slow for 16-32 channels
+  per group on some), so ``fuse`` measures both on a probe batch and keeps the faster (``experts="auto"``);
+* computes a one-channel stem (Fashion-MNIST) with oneDNN or as a matrix product over 3x3 patches, also
+  chosen by measurement (which is faster differs between CPUs, by 3x either way);
+* splits a large batch into micro-batches of ``micro_batch`` images, so each layer's tensors stay in cache.
+
+Convolutions are most of the time of both models, and the library's run within ~15 % of this CPU's
+matrix-multiply peak in both, so the speed-up is bounded (``expertpool bench`` measures it, ``fused_speedup``).
+Only WideResNet parts (``WRNLibrary``, ``WRNExpert`` of one shape) are fused; ``fuse`` refuses others with a
+ValueError. Plain: ``ComposedModel``; fused: ``FusedComposedModel``, same ``labels`` / ``label_groups`` /
+``class_ids``.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -35,6 +42,7 @@ from .nets import BasicBlock, WRNExpert, WRNLibrary
 CHANNELS_LAST = torch.channels_last
 
 
+# --------------------------------------------------------------------------- folding and fused kernels
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     return scale, bn.bias - bn.running_mean * scale
@@ -51,6 +59,47 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return out
 
 
+def _post_ops(x: torch.Tensor) -> bool:
+    """Whether oneDNN's fused convolutions serve ``x`` (a float32 CPU tensor, with oneDNN built in)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def _conv_args(conv: nn.Conv2d) -> tuple:
+    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+
+
+def conv_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``relu(conv(x))``, the ReLU applied by the convolution as it writes its output."""
+    if _post_ops(x):
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *_conv_args(conv), "relu", [], "")
+    return conv(x).relu_()
+
+
+def conv_add_(out: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``out += conv(x)`` in place, the addition done by the convolution as it writes its output."""
+    if _post_ops(x) and out.is_contiguous(memory_format=CHANNELS_LAST):
+        return torch.ops.mkldnn._convolution_pointwise_.binary(out, x, conv.weight, conv.bias, *_conv_args(conv),
+                                                               "add", 1.0, None, [], None)
+    return out.add_(conv(x))
+
+
+class Affine(nn.Module):
+    """An eval-mode BatchNorm as a per-channel ``scale * x + shift``, optionally followed by a ReLU."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale.detach().reshape(1, -1, 1, 1).clone())
+        self.register_buffer("shift", shift.detach().reshape(1, -1, 1, 1).clone())
+
+    @classmethod
+    def of(cls, bn: nn.BatchNorm2d) -> "Affine":
+        return cls(*_bn_affine(bn))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x, self.scale).relu_()
+
+
+# --------------------------------------------------------------------------- stems
 class PatchStem(nn.Module):
     """A convolution over ONE input channel as a matrix product over its unfolded patches (NHWC out)."""
 
@@ -71,38 +120,47 @@ class PatchStem(nn.Module):
         return y.view(n, oh, ow, self.out_channels).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
 
 
-def _stem(conv: nn.Conv2d) -> nn.Module:
-    if conv.in_channels == 1 and conv.groups == 1:
-        return PatchStem(conv)
-    return copy.deepcopy(conv).to(memory_format=CHANNELS_LAST)
+class ConvStem(nn.Module):
+    """The stem convolution as it is, on channels-last memory."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = copy.deepcopy(conv).to(memory_format=CHANNELS_LAST)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.contiguous(memory_format=CHANNELS_LAST))
 
 
+# --------------------------------------------------------------------------- blocks, library, experts
 class FusedBlock(nn.Module):
-    """A ``BasicBlock`` in eval mode with ``bn2`` folded into ``conv1``; optionally K blocks grouped."""
+    """A ``BasicBlock`` in eval mode, in three passes; optionally K blocks side by side (grouped)."""
 
     def __init__(self, blocks: list[BasicBlock]):
         super().__init__()
-        self.bn1 = pack_bn([b.bn1 for b in blocks]).eval()
+        self.act = Affine.of(pack_bn([b.bn1 for b in blocks]))
         self.conv1 = pack_conv([fold_conv_bn(b.conv1, b.bn2) for b in blocks])
         self.conv2 = pack_conv([b.conv2 for b in blocks])
         self.shortcut = None if blocks[0].convShortcut is None else pack_conv([b.convShortcut for b in blocks])
         self.to(memory_format=CHANNELS_LAST)
 
     def forward(self, x: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
-        """``a`` is ``relu(bn1(x))`` when the caller has it already."""
-        a = self.bn1(x).relu_() if a is None else a
-        out = self.conv2(self.conv1(a).relu_())
-        return out.add_(x if self.shortcut is None else self.shortcut(a))
+        """``a`` is ``relu(bn1(x))`` when the caller has it already. Without a shortcut convolution the
+        block adds its output to ``x`` in place: ``x`` must be a tensor of the caller's own."""
+        a = self.act(x) if a is None else a
+        h = conv_relu(a, self.conv1)
+        return conv_add_(x if self.shortcut is None else self.shortcut(a), h, self.conv2)
 
 
 class FusedLibrary(nn.Module):
-    def __init__(self, library: WRNLibrary):
+    def __init__(self, library: WRNLibrary, stem: str = "conv"):
         super().__init__()
-        self.conv1 = _stem(library.conv1)
+        if stem == "patch" and library.conv1.in_channels != 1:
+            raise ValueError("a patch stem needs a one-channel input")
+        self.conv1 = PatchStem(library.conv1) if stem == "patch" else ConvStem(library.conv1)
         self.blocks = nn.Sequential(*[FusedBlock([b]) for g in (library.block1, library.block2) for b in g.layer])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.conv1(x.contiguous(memory_format=CHANNELS_LAST)))
+        return self.blocks(self.conv1(x))
 
 
 class FusedExperts(nn.Module):
@@ -123,7 +181,7 @@ class FusedExperts(nn.Module):
         self.register_buffer("shift0", torch.stack(shift))
         self.blocks = nn.Sequential(*[FusedBlock([e.block3.layer[i] for e in experts])
                                       for i in range(len(experts[0].block3.layer))])
-        self.bn = pack_bn([e.bn1 for e in experts]).eval()
+        self.act = Affine.of(pack_bn([e.bn1 for e in experts]))
         width = experts[0].fc.in_features
         sizes = [e.fc.out_features for e in experts]
         self.fc = nn.Linear(width * self.k, sum(sizes))
@@ -135,28 +193,47 @@ class FusedExperts(nn.Module):
                 self.fc.bias[row:row + sizes[i]] = e.fc.bias
                 row += sizes[i]
 
+    def first_activation(self, f: torch.Tensor) -> torch.Tensor:
+        """``relu(bn1_k(f))`` for every expert k, written NHWC as ``[N, H, W, K, C]`` in one pass."""
+        if self.k == 1:
+            return torch.addcmul(self.shift0.view(1, -1, 1, 1), f, self.scale0.view(1, -1, 1, 1)).relu_()
+        nhwc = f.permute(0, 2, 3, 1).unsqueeze(3)
+        return torch.addcmul(self.shift0, nhwc, self.scale0).relu_().flatten(3).permute(0, 3, 1, 2)
+
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         f = f.contiguous(memory_format=CHANNELS_LAST)
         first = self.blocks[0]
         if first.shortcut is None:  # the residual needs the K copies of the input after all
             h = first(f.repeat(1, self.k, 1, 1).contiguous(memory_format=CHANNELS_LAST))
-        else:  # relu(bn1_k(f)) for every expert k, written NHWC as [N, H, W, K, C] in one pass
-            nhwc = f.permute(0, 2, 3, 1).unsqueeze(3)
-            a = torch.addcmul(self.shift0, nhwc, self.scale0).relu_().flatten(3).permute(0, 3, 1, 2)
-            h = first(f, a)
+        else:
+            h = first(f, self.first_activation(f))
         for block in self.blocks[1:]:
             h = block(h)
-        return self.fc(self.bn(h).relu_().mean((2, 3)))
+        return self.fc(self.act(h).mean((2, 3)))
 
 
+class SeparateExperts(nn.Module):
+    """K experts, each fused on its own (``FusedExperts`` of one), their logits side by side."""
+
+    def __init__(self, experts: list[WRNExpert]):
+        super().__init__()
+        self.experts = nn.ModuleList([FusedExperts([e]) for e in experts])
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        f = f.contiguous(memory_format=CHANNELS_LAST)
+        return torch.cat([e(f) for e in self.experts], dim=1)
+
+
+# --------------------------------------------------------------------------- the fused composed model
 class FusedComposedModel(nn.Module):
-    micro_batch = 128
-
-    def __init__(self, plain: ComposedModel):
+    def __init__(self, plain: ComposedModel, stem: str = "conv", experts: str = "separate", micro_batch: int = 256):
         super().__init__()
         lib = plain.library
-        self.library = FusedLibrary(lib) if isinstance(lib, WRNLibrary) else lib
-        self.experts = FusedExperts(list(plain.experts))
+        self.library = FusedLibrary(lib, stem) if isinstance(lib, WRNLibrary) else lib
+        parts = list(plain.experts)
+        self.experts = FusedExperts(parts) if experts == "grouped" else SeparateExperts(parts)
+        self.micro_batch = micro_batch
+        self.choices = {"stem": stem if isinstance(lib, WRNLibrary) else None, "experts": experts}
         for name in ("tasks", "labels", "class_ids", "group_sizes"):
             setattr(self, name, list(getattr(plain, name)))
         self.eval()
@@ -170,7 +247,42 @@ class FusedComposedModel(nn.Module):
         return self.experts(self.library(x))
 
 
-def fuse(plain: ComposedModel) -> FusedComposedModel:
-    """The fused twin of a plain composed model (weights are copied; the plain model is untouched)."""
+def _faster(candidates: dict, x: torch.Tensor, rounds: int = 3) -> str:
+    """The name of the fastest of ``candidates`` (name -> callable) on ``x``: each is timed ``rounds`` times,
+    in turns so that all see the same machine load, after one untimed call; the best time of each counts."""
+    best = {}
+    for name, fn in candidates.items():
+        fn(x)
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            t = time.perf_counter()
+            fn(x)
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+    return min(best, key=best.get)
+
+
+def fuse(plain: ComposedModel, probe: torch.Tensor | None = None, stem: str = "auto", experts: str = "auto",
+         micro_batch: int = 256) -> FusedComposedModel:
+    """The fused twin of a plain composed model (weights are copied; the plain model is untouched).
+
+    ``stem`` (``conv`` or ``patch``, for a one-channel input) and ``experts`` (``grouped`` or ``separate``)
+    say how to compute those parts; ``auto`` times the candidates on ``probe`` (a batch of inputs, e.g.
+    128 random images; ``Pool.compose(..., fused=True)`` passes one) and keeps the faster, which takes a few
+    hundred milliseconds once. Without a probe, ``auto`` means ``conv`` and ``separate``. ``fused.choices``
+    says what was chosen. Both candidates of each choice compute the same function."""
+    if stem not in ("auto", "conv", "patch") or experts not in ("auto", "grouped", "separate"):
+        raise ValueError(f"unknown stem {stem!r} or experts {experts!r}")
+    lib = plain.library
+    one_channel = isinstance(lib, WRNLibrary) and lib.conv1.in_channels == 1
     with torch.no_grad():
-        return FusedComposedModel(plain)
+        if stem == "auto":
+            stem = "conv"
+            if one_channel and probe is not None:
+                stem = _faster({"conv": ConvStem(lib.conv1), "patch": PatchStem(lib.conv1)}, probe)
+        if experts == "auto":
+            experts = "separate"
+            if probe is not None and len(plain.experts) > 1 and all(isinstance(e, WRNExpert) for e in plain.experts):
+                features = FusedLibrary(lib, stem)(probe) if isinstance(lib, WRNLibrary) else lib(probe)
+                parts = list(plain.experts)
+                experts = _faster({"grouped": FusedExperts(parts), "separate": SeparateExperts(parts)}, features)
+        return FusedComposedModel(plain, stem, experts, micro_batch)
