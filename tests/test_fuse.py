@@ -1,10 +1,13 @@
+import os
+
 import pytest
 import torch
 from torch import nn
 
 import expertpool
-from expertpool.fuse import (ConvStem, FusedComposedModel, FusedExperts, PatchStem, SeparateExperts, conv_add_,
-                             conv_relu, fold_conv_bn, fuse)
+from expertpool.data import FASHION_MNIST_DEBIAN
+from expertpool.fuse import (ConvStem, FusedExperts, PatchStem, SeparateExperts, conv_add_, conv_relu, fold_conv_bn,
+                             fuse)
 from expertpool.nets import WRNExpert
 
 
@@ -116,3 +119,22 @@ def test_one_channel_library_is_fused_with_either_stem():
         with torch.no_grad():
             assert (fused(x) - plain(x)).abs().max().item() < 1e-5
     assert fuse(plain, probe=x).choices["stem"] in ("patch", "conv")
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEBIAN), reason="Debian's dataset-fashion-mnist not installed")
+@pytest.mark.parametrize("experts", ["grouped", "separate"])
+def test_fused_equals_plain_on_the_shipped_pool_and_real_images(experts):
+    """Trained weights, logits up to ~18: both fused forms stay within 1e-5 of the plain model."""
+    from pathlib import Path
+
+    from expertpool.data import load
+
+    pool = expertpool.open_pool(Path(__file__).parents[1] / "pools" / "fashion-mnist.db")
+    plain = pool.compose(pool.tasks)
+    fused = fuse(plain, experts=experts)
+    x, _ = next(load("fashion-mnist").test.batches(1000))
+    with torch.no_grad():
+        want, got = plain(x), fused(x)
+    assert want.abs().max() > 5  # real logits, not near zero
+    assert (got - want).abs().max().item() < 1e-5
+    assert torch.equal(got.argmax(1), want.argmax(1))

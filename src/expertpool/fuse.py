@@ -28,7 +28,6 @@ ValueError. Plain: ``ComposedModel``; fused: ``FusedComposedModel``, same ``labe
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 
 import torch
