@@ -20,6 +20,15 @@ def _experts(n_classes=(2, 3, 2)):
     return out
 
 
+def _shuffled_batches(feats: torch.Tensor, logits: torch.Tensor, size: int = 64):
+    """A ``batches(epoch, generator)`` function for ``fit``: the tensors reshuffled every epoch."""
+    def batches(epoch, g):
+        order = torch.randperm(len(feats), generator=g)
+        for i in range(0, len(feats), size):
+            yield feats[order[i:i + size]], logits[order[i:i + size]]
+    return batches
+
+
 def test_group_forward_equals_the_experts_side_by_side():
     experts = _experts()
     group = ExpertGroup(experts)
@@ -46,14 +55,8 @@ def test_unpack_gives_back_the_same_weights():
 
 def test_training_a_group_of_one_equals_training_alone():
     rt = resolve_runtime("cpu", "fp32", progress=False)
-    feats, logits = torch.randn(256, 8, 8, 8), torch.randn(256, 5)
+    batches = _shuffled_batches(torch.randn(256, 8, 8, 8), torch.randn(256, 5))
     idx = torch.tensor([1, 3])
-
-    def batches(epoch, g):
-        order = torch.randperm(256, generator=g)
-        for i in range(0, 256, 64):
-            yield feats[order[i:i + 64]], logits[order[i:i + 64]]
-
     cfg = TrainConfig(2, 0.1, (1,), batch_size=64)
     alone = _experts((2,))[0]
     fit(alone, batches, lambda m, b: ckd_loss(m(b[0]), b[1][:, idx]), cfg, rt, seed=3)
@@ -87,14 +90,8 @@ def test_first_activation_equals_each_experts_own_batchnorm():
 def test_training_a_group_equals_training_each_expert_alone():
     """Joint training is K separate trainings computed together (up to float rounding)."""
     rt = resolve_runtime("cpu", "fp32", progress=False)
-    feats, logits = torch.randn(256, 8, 8, 8), torch.randn(256, 5)
+    batches = _shuffled_batches(torch.randn(256, 8, 8, 8), torch.randn(256, 5))
     idxs = [torch.tensor([1, 3]), torch.tensor([0, 2, 4]), torch.tensor([2, 3])]
-
-    def batches(epoch, g):
-        order = torch.randperm(256, generator=g)
-        for i in range(0, 256, 64):
-            yield feats[order[i:i + 64]], logits[order[i:i + 64]]
-
     cfg = TrainConfig(2, 0.05, (1,), batch_size=64)
     alone = _experts()
     for e, idx in zip(alone, idxs):

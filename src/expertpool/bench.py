@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .evaluate import timeit_ms
+from .evaluate import alternating_times, timeit_ms
 
 
 @dataclass
@@ -130,15 +130,8 @@ def bench_export(pool_path: str, quick: bool, batch: int = 256) -> dict:
     xb = torch.randn(batch, *pool.input_shape)
     fused = pool.compose(tasks, fused=True)
     runs = {"onnxruntime": lambda: wide.run(None, {"input": xb.numpy()}), "fused": lambda: fused(xb)}
-    times = {k: [] for k in runs}
     with torch.no_grad():
-        for _ in range(3 if quick else 6):
-            for name, fn in runs.items():
-                fn()
-                for _ in range(4):
-                    t0 = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t0)
+        times = alternating_times(runs, rounds=3 if quick else 6, calls=4)
     median = {k: statistics.median(v) for k, v in times.items()}
     return {"export_onnx_ms_p50": t["p50"], "export_onnx_ms_p99": t["p99"],
             "onnxruntime_batch1_ms_p50": ort_ms["p50"], "torch_batch1_ms_p50": torch_ms["p50"],
@@ -161,16 +154,9 @@ def bench_fused(pool_path: str, quick: bool, batch: int = 256) -> dict:
     x = torch.randn(batch, *pool.input_shape)
     rounds, calls = (4, 5) if quick else (8, 10)
     models = {"plain": plain, "fused": fused, "library": plain.library}
-    times = {name: [] for name in models}
     with torch.no_grad():
         max_diff = float((plain(x) - fused(x)).abs().max())
-        for _ in range(rounds):
-            for name, m in models.items():
-                m(x)
-                for _ in range(calls - 1):
-                    t = time.perf_counter()
-                    m(x)
-                    times[name].append(time.perf_counter() - t)
+        times = alternating_times({name: (lambda m=m: m(x)) for name, m in models.items()}, rounds, calls - 1)
     median = {k: statistics.median(v) for k, v in times.items()}
     return {"fused_max_abs_diff": max_diff, "fused_choices": fused.choices,
             "plain_images_per_s": round(batch / median["plain"], 1),
@@ -323,13 +309,18 @@ def readme_block(result: dict, command: str) -> str:
             + goals_table(result) + README_END)
 
 
-def fill_readme(path: str, result: dict, command: str) -> None:
-    """Replace the text between the bench markers of the README at ``path`` with the goals table."""
+def check_readme(path: str) -> str:
+    """The text of the README at ``path``, or a ``UserError`` if it has no bench markers."""
     from .errors import UserError
 
-    text = open(path).read()
+    text = open(path).read() if os.path.isfile(path) else ""
     if README_START not in text or README_END not in text:
         raise UserError(f"{path} has no {README_START} ... {README_END} markers")
-    head, rest = text.split(README_START, 1)
+    return text
+
+
+def fill_readme(path: str, result: dict, command: str) -> None:
+    """Replace the text between the bench markers of the README at ``path`` with the goals table."""
+    head, rest = check_readme(path).split(README_START, 1)
     with open(path, "w") as f:
         f.write(head + readme_block(result, command) + rest.split(README_END, 1)[1])

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 
 def cmd_bench(cfg) -> int:
-    from .bench import README_END, README_START, fill_readme, markdown, run
-    from .errors import UserError
+    from .bench import check_readme, fill_readme, markdown, run
 
-    if cfg.readme and not (os.path.isfile(cfg.readme) and README_START in open(cfg.readme).read()
-                           and README_END in open(cfg.readme).read()):
-        raise UserError(f"{cfg.readme} has no {README_START} ... {README_END} markers")  # before minutes of work
+    if cfg.readme:
+        check_readme(cfg.readme)  # before minutes of work
     result = run(cfg)
     command = "expertpool " + " ".join(sys.argv[1:])
     if cfg.out:

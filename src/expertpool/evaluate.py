@@ -56,6 +56,23 @@ def count_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     return int(counter.get_total_flops())
 
 
+def alternating_times(fns: dict[str, Callable[[], object]], rounds: int, calls: int = 1,
+                      warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, timed in turns so that all see the same machine load: ``rounds``
+    times, each function runs ``warmup`` untimed calls then ``calls`` timed ones (a run of consecutive calls,
+    as a serving loop makes them)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+            for _ in range(calls):
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
 def timeit_ms(fn: Callable[[], object], repeat: int = 200, warmup: int = 5) -> dict:
     """p50 / p99 / mean wall time of ``fn()`` in milliseconds."""
     for _ in range(warmup):

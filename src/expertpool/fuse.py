@@ -28,13 +28,13 @@ ValueError. Plain: ``ComposedModel``; fused: ``FusedComposedModel``, same ``labe
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from .compose import ComposedModel
+from .evaluate import alternating_times
 from .joint import pack_bn, pack_conv
 from .nets import BasicBlock, WRNExpert, WRNLibrary
 
@@ -173,11 +173,6 @@ class FusedExperts(nn.Module):
         if len(shapes) != 1:
             raise ValueError("experts of different shapes cannot be fused")
         self.k = len(experts)
-        # the first block's K BatchNorms all read the same input: kept as a [K, C] scale and shift, so that
-        # their K outputs are written at once, never materializing K copies of the input
-        scale, shift = zip(*[_bn_affine(e.block3.layer[0].bn1) for e in experts])
-        self.register_buffer("scale0", torch.stack(scale))
-        self.register_buffer("shift0", torch.stack(shift))
         self.blocks = nn.Sequential(*[FusedBlock([e.block3.layer[i] for e in experts])
                                       for i in range(len(experts[0].block3.layer))])
         self.act = Affine.of(pack_bn([e.bn1 for e in experts]))
@@ -193,19 +188,20 @@ class FusedExperts(nn.Module):
                 row += sizes[i]
 
     def first_activation(self, f: torch.Tensor) -> torch.Tensor:
-        """``relu(bn1_k(f))`` for every expert k, written NHWC as ``[N, H, W, K, C]`` in one pass."""
-        if self.k == 1:
-            return torch.addcmul(self.shift0.view(1, -1, 1, 1), f, self.scale0.view(1, -1, 1, 1)).relu_()
+        """``relu(bn1_k(f))`` for every expert k, written NHWC as ``[N, H, W, K, C]`` in one pass: the K
+        BatchNorms all read the same input, so K copies of it are never made."""
+        act = self.blocks[0].act
+        scale, shift = act.scale.view(self.k, -1), act.shift.view(self.k, -1)
         nhwc = f.permute(0, 2, 3, 1).unsqueeze(3)
-        return torch.addcmul(self.shift0, nhwc, self.scale0).relu_().flatten(3).permute(0, 3, 1, 2)
+        return torch.addcmul(shift, nhwc, scale).relu_().flatten(3).permute(0, 3, 1, 2)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         f = f.contiguous(memory_format=CHANNELS_LAST)
         first = self.blocks[0]
         if first.shortcut is None:  # the residual needs the K copies of the input after all
             h = first(f.repeat(1, self.k, 1, 1).contiguous(memory_format=CHANNELS_LAST))
-        else:
-            h = first(f, self.first_activation(f))
+        else:  # with a shortcut convolution the block adds into its output, never into f
+            h = first(f, self.first_activation(f) if self.k > 1 else None)
         for block in self.blocks[1:]:
             h = block(h)
         return self.fc(self.act(h).mean((2, 3)))
@@ -247,16 +243,10 @@ class FusedComposedModel(nn.Module):
 
 
 def _faster(candidates: dict, x: torch.Tensor, rounds: int = 3) -> str:
-    """The name of the fastest of ``candidates`` (name -> callable) on ``x``: each is timed ``rounds`` times,
-    in turns so that all see the same machine load, after one untimed call; the best time of each counts."""
-    best = {}
-    for name, fn in candidates.items():
-        fn(x)
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            t = time.perf_counter()
-            fn(x)
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+    """The name of the fastest of ``candidates`` (name -> callable) on ``x``: one untimed call of each, then
+    ``rounds`` timed ones, in turns so that all see the same machine load; the best time of each counts."""
+    times = alternating_times({name: (lambda fn=fn: fn(x)) for name, fn in candidates.items()}, rounds + 1, warmup=0)
+    best = {name: min(t[1:]) for name, t in times.items()}
     return min(best, key=best.get)
 
 
