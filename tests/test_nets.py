@@ -66,3 +66,51 @@ def test_networks_built_for_loading_skip_only_their_random_init():
     torch.manual_seed(0)  # the usual init is untouched outside the context (same random draws as before)
     for k, v in create(cfg).state_dict().items():
         assert torch.equal(v, reference.state_dict()[k]), k
+
+
+def test_instantiate_equals_create_then_load_state_dict():
+    from expertpool.nets import instantiate
+
+    for cfg, shape in [({"arch": "wrn_library", "depth": 10, "width": 1, "in_channels": 1}, (2, 1, 12, 12)),
+                       ({"arch": "wrn_expert", "num_classes": 3, "in_channels": 8, "depth": 10, "width": 0.25},
+                        (2, 8, 6, 6)),
+                       ({"arch": "mobilenet_v2_expert", "num_classes": 4, "in_channels": 16, "hidden": 8},
+                        (2, 16, 3, 3))]:
+        torch.manual_seed(0)
+        reference = create(cfg)
+        for m in reference.modules():  # non-trivial BatchNorm statistics
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+        reference.eval()
+        state = {k: v.clone() for k, v in reference.state_dict().items()}
+        a, b = instantiate(cfg, state), instantiate(cfg, state)
+        assert not a.training and type(a) is type(reference)
+        assert [(n, type(m)) for n, m in a.named_modules()] == [(n, type(m)) for n, m in reference.named_modules()]
+        x = torch.randn(*shape)
+        assert torch.equal(a(x), reference(x))
+        for k, v in reference.state_dict().items():
+            assert torch.equal(a.state_dict()[k], v), k
+        assert all(p.requires_grad for p in a.parameters())
+        # two instances (and the state dict they came from) share nothing: weights, mode, hooks
+        next(a.parameters()).data.add_(1.0)
+        assert torch.equal(b(x), reference(x)) and torch.equal(next(iter(state.values())), next(iter(reference.state_dict().values())))
+        a.train()
+        assert not b.training and not any(m.training for m in b.modules())
+        calls = []
+        a.register_forward_hook(lambda *args: calls.append(1))
+        b(x)
+        assert calls == []
+        a(x)
+        assert calls == [1]
+
+
+def test_instantiate_with_a_foreign_state_dict_fails_as_load_state_dict_does():
+    from expertpool.nets import instantiate
+
+    cfg = {"arch": "wrn_expert", "num_classes": 3, "in_channels": 8, "depth": 10, "width": 0.25}
+    state = create(cfg).state_dict()
+    with pytest.raises(RuntimeError, match="Missing key"):
+        instantiate(cfg, {k: v for k, v in state.items() if k != "fc.bias"})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        instantiate(cfg, {**state, "fc.weight": torch.zeros(4, 16)})

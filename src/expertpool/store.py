@@ -83,12 +83,9 @@ class Component:
 
     def build(self) -> torch.nn.Module:
         """The network with its weights loaded, in eval mode."""
-        from .nets import create, weights_to_be_loaded
+        from .nets import instantiate
 
-        with weights_to_be_loaded():
-            net = create(self.config)
-        net.load_state_dict(self.tensors)
-        return net.eval()
+        return instantiate(self.config, self.tensors)
 
 
 def serialize(module: torch.nn.Module, meta: dict) -> bytes:
