@@ -46,7 +46,7 @@ def test_both_ways_of_running_the_experts_equal_plain(tiny_pool_path, experts):
     plain = pool.compose(["gamma", "alpha", "delta"])
     fused = fuse(plain, experts=experts)
     assert isinstance(fused.experts, FusedExperts if experts == "grouped" else SeparateExperts)
-    assert fused.choices == {"stem": "conv", "experts": experts}
+    assert fused.choices == {"stem": "conv", "experts": experts, "engine": "torch"}
     x = torch.randn(9, *pool.input_shape)
     with torch.no_grad():
         assert (fused(x) - plain(x)).abs().max().item() < 1e-5
@@ -55,13 +55,49 @@ def test_both_ways_of_running_the_experts_equal_plain(tiny_pool_path, experts):
 def test_auto_choices_are_measured_on_the_probe_and_unknown_ones_refused(tiny_pool_path):
     pool = expertpool.open_pool(tiny_pool_path)
     plain = pool.compose(["alpha", "beta"])
-    assert fuse(plain).choices == {"stem": "conv", "experts": "separate"}  # no probe: the documented defaults
+    # no probe: the documented defaults
+    assert fuse(plain).choices == {"stem": "conv", "experts": "separate", "engine": "torch"}
     probed = fuse(plain, probe=torch.randn(32, *pool.input_shape))
     assert probed.choices["experts"] in ("grouped", "separate")
+    assert probed.choices["engine"] in ("torch", "onnxruntime")
     with pytest.raises(ValueError, match="unknown"):
         fuse(plain, experts="sideways")
+    with pytest.raises(ValueError, match="unknown"):
+        fuse(plain, engine="tpu")
     with pytest.raises(ValueError, match="one-channel"):
         fuse(plain, stem="patch")  # the tiny pool's images have three channels
+
+
+def test_onnxruntime_engine_equals_plain_and_survives_copies(tiny_pool_path):
+    import copy
+    import pickle
+
+    pool = expertpool.open_pool(tiny_pool_path)
+    plain = pool.compose(["delta", "alpha", "gamma"])
+    probe = torch.randn(16, *pool.input_shape)
+    fused = fuse(plain, probe, engine="onnxruntime")
+    assert fused.choices["engine"] == "onnxruntime" and fused.graph is not None
+    x = torch.randn(40, *pool.input_shape)
+    with torch.no_grad():
+        want = plain(x)
+        got = fused(x)
+        assert (got - want).abs().max().item() < 1e-5
+        assert (fused.forward_torch(x) - want).abs().max().item() < 1e-5  # the PyTorch engine is kept too
+        fused.micro_batch = 16  # batches larger than a micro-batch go through in parts
+        assert (fused(x) - want).abs().max().item() < 1e-5
+        for twin in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):  # a session of its own
+            assert twin.graph.session is not fused.graph.session and torch.equal(twin(x), fused(x))
+
+
+def test_an_onnx_graph_outside_the_tolerance_is_not_used(tiny_pool_path, monkeypatch):
+    import expertpool.fuse as fuse_module
+
+    pool = expertpool.open_pool(tiny_pool_path)
+    plain = pool.compose(["alpha", "beta"])
+    monkeypatch.setattr(fuse_module, "TOLERANCE", 0.0)  # no graph can be closer than 0
+    fused = fuse(plain, torch.randn(8, *pool.input_shape), engine="onnxruntime")
+    assert fused.choices["engine"] == "torch" and fused.graph is None
+    assert fuse(plain, engine="onnxruntime").choices["engine"] == "torch"  # no probe to check a graph on
 
 
 @pytest.mark.parametrize("shortcut", [False, True])
@@ -122,17 +158,18 @@ def test_one_channel_library_is_fused_with_either_stem():
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEBIAN), reason="Debian's dataset-fashion-mnist not installed")
-@pytest.mark.parametrize("experts", ["grouped", "separate"])
-def test_fused_equals_plain_on_the_shipped_pool_and_real_images(experts):
-    """Trained weights, logits up to ~18: both fused forms stay within 1e-5 of the plain model."""
+@pytest.mark.parametrize("experts, engine", [("grouped", "torch"), ("separate", "torch"), ("separate", "onnxruntime")])
+def test_fused_equals_plain_on_the_shipped_pool_and_real_images(experts, engine):
+    """Trained weights, logits up to ~18: every fused form stays within 1e-5 of the plain model."""
     from pathlib import Path
 
     from expertpool.data import load
 
     pool = expertpool.open_pool(Path(__file__).parents[1] / "pools" / "fashion-mnist.db")
     plain = pool.compose(pool.tasks)
-    fused = fuse(plain, experts=experts)
     x, _ = next(load("fashion-mnist").test.batches(1000))
+    fused = fuse(plain, x[:64], stem="conv", experts=experts, engine=engine)
+    assert fused.choices["engine"] == engine
     with torch.no_grad():
         want, got = plain(x), fused(x)
     assert want.abs().max() > 5  # real logits, not near zero

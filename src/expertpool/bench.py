@@ -102,10 +102,11 @@ def bench_compose(pool_path: str, quick: bool) -> dict:
             "compose_cold_ms_p50": cold["p50"], "compose_cold_ms_p99": cold["p99"]}
 
 
-def bench_export(pool_path: str, quick: bool, batch: int = 256) -> dict:
+def bench_export(pool_path: str, quick: bool) -> dict:
     """ONNX artifact time (assembled from part templates and checked in ONNX Runtime), and the artifact's
-    speed in ONNX Runtime (its default graph optimizations: BatchNorms folded, ReLUs fused) at batch 1
-    and at ``batch``, next to PyTorch's plain and fused models, in turns."""
+    latency in ONNX Runtime (its default graph optimizations: BatchNorms folded, ReLUs fused) at batch 1,
+    next to the plain PyTorch model's. (Its throughput at batch 256 is ``bench_fused``'s ONNX Runtime
+    engine.)"""
     import onnxruntime as ort
 
     from .export import Exporter
@@ -124,19 +125,8 @@ def bench_export(pool_path: str, quick: bool, batch: int = 256) -> dict:
     ort_ms = timeit_ms(lambda: sess.run(None, {"input": x}), repeat=200)
     with torch.no_grad():
         torch_ms = timeit_ms(lambda: model(torch.from_numpy(x)), repeat=200)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    wide = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
-    xb = torch.randn(batch, *pool.input_shape)
-    fused = pool.compose(tasks, fused=True)
-    runs = {"onnxruntime": lambda: wide.run(None, {"input": xb.numpy()}), "fused": lambda: fused(xb)}
-    with torch.no_grad():
-        times = alternating_times(runs, rounds=3 if quick else 6, calls=4)
-    median = {k: statistics.median(v) for k, v in times.items()}
     return {"export_onnx_ms_p50": t["p50"], "export_onnx_ms_p99": t["p99"],
-            "onnxruntime_batch1_ms_p50": ort_ms["p50"], "torch_batch1_ms_p50": torch_ms["p50"],
-            "onnxruntime_images_per_s": round(batch / median["onnxruntime"], 1),
-            "onnxruntime_vs_fused": round(median["fused"] / median["onnxruntime"], 3)}
+            "onnxruntime_batch1_ms_p50": ort_ms["p50"], "torch_batch1_ms_p50": torch_ms["p50"]}
 
 
 def bench_fused(pool_path: str, quick: bool, batch: int = 256) -> dict:
@@ -144,25 +134,33 @@ def bench_fused(pool_path: str, quick: bool, batch: int = 256) -> dict:
 
     A serving loop calls one model again and again, so each model is timed over runs of consecutive calls
     (the first call of a run untimed); runs of the models alternate, so all see the same machine load.
-    The plain model's library is timed alone too: its share of the plain model's time bounds what fusing
-    can gain, because the library's convolutions run near the CPU's peak in both models."""
+    The fused model is what ``compose(..., fused=True)`` returns (its engine chosen by measurement); both
+    engines are also timed on their own (``fused_torch``, ``fused_onnxruntime``), and the plain model's
+    library alone: its share of the plain model's time bounds what fusing with oneDNN can gain, because
+    the library's convolutions run near the CPU's peak in both models."""
+    from .fuse import fuse
     from .pool import Pool
 
     pool = Pool(pool_path)
     tasks = pool.tasks[:5]
     plain, fused = pool.compose(tasks), pool.compose(tasks, fused=True)
     x = torch.randn(batch, *pool.input_shape)
+    probe = torch.randn(128, *pool.input_shape, generator=torch.Generator().manual_seed(0))
+    choices = {k: v for k, v in fused.choices.items() if k != "engine" and v is not None}
+    models = {"plain": plain, "fused": fused, "fused_torch": fuse(plain, probe, engine="torch", **choices),
+              "fused_onnxruntime": fuse(plain, probe, engine="onnxruntime", **choices), "library": plain.library}
     rounds, calls = (4, 5) if quick else (8, 10)
-    models = {"plain": plain, "fused": fused, "library": plain.library}
     with torch.no_grad():
-        max_diff = float((plain(x) - fused(x)).abs().max())
+        max_diff = max(float((plain(x) - models[k](x)).abs().max()) for k in ("fused", "fused_torch", "fused_onnxruntime"))
         times = alternating_times({name: (lambda m=m: m(x)) for name, m in models.items()}, rounds, calls - 1)
     median = {k: statistics.median(v) for k, v in times.items()}
-    return {"fused_max_abs_diff": max_diff, "fused_choices": fused.choices,
-            "plain_images_per_s": round(batch / median["plain"], 1),
-            "fused_images_per_s": round(batch / median["fused"], 1),
-            "fused_speedup": round(median["plain"] / median["fused"], 3), "inference_batch": batch,
-            "plain_library_share": round(median["library"] / median["plain"], 3)}
+    out = {"fused_max_abs_diff": max_diff, "fused_choices": fused.choices, "inference_batch": batch,
+           "plain_images_per_s": round(batch / median["plain"], 1)}
+    for name in ("fused", "fused_torch", "fused_onnxruntime"):
+        out[f"{name}_images_per_s"] = round(batch / median[name], 1)
+        out[f"{name}_speedup"] = round(median["plain"] / median[name], 3)
+    out["plain_library_share"] = round(median["library"] / median["plain"], 3)
+    return out
 
 
 def bench_extraction(quick: bool) -> dict:
@@ -242,7 +240,8 @@ def bench_fused_glibc_default(pool_path: str, quick: bool) -> dict:
     r = json.loads(done.stdout.strip().splitlines()[-1])
     return {"glibc_default_plain_images_per_s": r["plain_images_per_s"],
             "glibc_default_fused_images_per_s": r["fused_images_per_s"],
-            "glibc_default_fused_speedup": r["fused_speedup"]}
+            "glibc_default_fused_speedup": r["fused_speedup"],
+            "glibc_default_fused_torch_speedup": r["fused_torch_speedup"]}
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -283,17 +282,19 @@ def markdown(result: dict, command: str) -> str:
             "machine's load, which on these shared 2-core machines swings by a third between minutes.\n\n"
             + goals_table(result) + "\n## Every figure\n\n| figure | value |\n|---|---|\n" + rows + "\n\n"
             "* `fused_choices`: what `fuse` measured to be faster on this CPU (stem as oneDNN convolution or "
-            "patch matrix product; experts as one grouped network or fused one by one).\n"
+            "patch matrix product; experts as one grouped network or fused one by one; engine: PyTorch with "
+            "oneDNN post-ops, or ONNX Runtime on the composed model's graph). `fused_*` is the model "
+            "`compose(..., fused=True)` returns; `fused_torch_*` and `fused_onnxruntime_*` are each engine on "
+            "its own, timed in the same turns.\n"
             "* `plain_library_share`: the library's share of the plain model's time. Its convolutions run near "
-            "the CPU's peak in both models, so fusing can only win on the rest: this share bounds "
-            "`fused_speedup`.\n"
+            "the CPU's peak in both models, so oneDNN fusing can only win on the rest: this share bounds "
+            "`fused_torch_speedup`.\n"
             "* `allocator_tuned`: the command-line tool lets glibc keep freed large buffers in the heap "
             "(`expertpool.train.tune_allocator`), which makes the plain model much faster; `glibc_default_*` "
             "is the same inference measurement in a fresh process with glibc's default allocator (as in a "
             "Python program that does not call it).\n"
-            "* `onnxruntime_*`: the exported ONNX file (the plain graph: ONNX Runtime folds BatchNorms and fuses "
-            "ReLUs itself when it loads it) at batch 1, and at batch 256 against the fused PyTorch model "
-            "(`onnxruntime_vs_fused` > 1: ONNX Runtime is faster).\n"
+            "* `onnxruntime_batch1_ms_p50` / `torch_batch1_ms_p50`: one image through the exported ONNX file "
+            "(one thread) and through the plain PyTorch model.\n"
             "* `extraction_*`: the straightforward path runs the oracle and the library on every batch and "
             "trains one expert; the default path computes library features and oracle logits once on the "
             "preset's cached views and trains all experts of the hierarchy jointly; per expert = (cache + "

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import io
 import json
@@ -328,6 +329,13 @@ class Exporter:
         if fmt == "torch":
             return self.torch_bytes(model, spec)
         raise UserError(f"unknown export format {fmt!r}; valid: onnx, safetensors, torch")
+
+
+@functools.lru_cache(maxsize=1)
+def shared_exporter() -> Exporter:
+    """The process's exporter for callers that keep none of their own (``fuse``): its part templates make
+    every export after the first of an architecture take milliseconds."""
+    return Exporter()
 
 
 def verify_onnx(blob: bytes, model: nn.Module, spec: dict, tolerance: float = TOLERANCE) -> float:

@@ -18,8 +18,14 @@ A plain composed model runs 7 small layers per block in PyTorch's default NCHW l
   chosen by measurement (which is faster differs between CPUs, by 3x either way);
 * splits a large batch into micro-batches of ``micro_batch`` images, so each layer's tensors stay in cache.
 
-Convolutions are most of the time of both models, and the library's run within ~15 % of this CPU's
-matrix-multiply peak in both, so the speed-up is bounded (``expertpool bench`` measures it, ``fused_speedup``).
+Convolutions are most of the time of both models, and the library's run near this CPU's matrix-multiply
+peak in both, so what oneDNN can gain is bounded. A second **engine** is therefore a candidate too: the
+composed model's ONNX graph (as ``export`` assembles it) run by ONNX Runtime, whose CPU provider folds the
+BatchNorms, fuses ReLUs and additions into its own blocked-layout convolution kernels, and is faster than
+oneDNN on some CPUs (the AVX2 machines here, by ~20 %). ``fuse`` times both engines on the probe and keeps
+the faster (``engine="auto"``), but only an ONNX graph whose outputs are within ``TOLERANCE`` of the plain
+model's on the probe; inputs that ONNX Runtime cannot take as they are (another device, dtype) always go
+through the PyTorch modules, which every fused model keeps (``expertpool bench`` reports both engines).
 Only WideResNet parts (``WRNLibrary``, ``WRNExpert`` of one shape) are fused; ``fuse`` refuses others with a
 ValueError. Plain: ``ComposedModel``; fused: ``FusedComposedModel``, same ``labels`` / ``label_groups`` /
 ``class_ids``.
@@ -39,6 +45,7 @@ from .joint import pack_bn, pack_conv
 from .nets import BasicBlock, WRNExpert, WRNLibrary
 
 CHANNELS_LAST = torch.channels_last
+TOLERANCE = 1e-5  # max abs difference allowed between a fused model's logits and the plain model's
 
 
 # --------------------------------------------------------------------------- folding and fused kernels
@@ -219,16 +226,49 @@ class SeparateExperts(nn.Module):
         return torch.cat([e(f) for e in self.experts], dim=1)
 
 
+# --------------------------------------------------------------------------- the ONNX Runtime engine
+class OnnxRuntimeGraph:
+    """A composed model's ONNX graph run by ONNX Runtime on the CPU, called like a module on float32 CPU
+    tensors. Keeps the graph's bytes, so copies and pickles rebuild their session instead of sharing one."""
+
+    def __init__(self, blob: bytes, threads: int):
+        self.blob, self.threads = blob, threads
+        self._start()
+
+    def _start(self) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.log_severity_level = 3
+        # no busy-waiting between runs: the process's PyTorch work gets the cores back at once
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(self.blob, opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"input": x.detach().contiguous().numpy()})[0])
+
+    def __getstate__(self) -> dict:
+        return {"blob": self.blob, "threads": self.threads}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._start()
+
+
 # --------------------------------------------------------------------------- the fused composed model
 class FusedComposedModel(nn.Module):
-    def __init__(self, plain: ComposedModel, stem: str = "conv", experts: str = "separate", micro_batch: int = 256):
+    def __init__(self, plain: ComposedModel, stem: str = "conv", experts: str = "separate", micro_batch: int = 256,
+                 graph: OnnxRuntimeGraph | None = None):
         super().__init__()
         lib = plain.library
         self.library = FusedLibrary(lib, stem) if isinstance(lib, WRNLibrary) else lib
         parts = list(plain.experts)
         self.experts = FusedExperts(parts) if experts == "grouped" else SeparateExperts(parts)
         self.micro_batch = micro_batch
-        self.choices = {"stem": stem if isinstance(lib, WRNLibrary) else None, "experts": experts}
+        self.graph = graph  # the ONNX Runtime engine, when it was chosen
+        self.choices = {"stem": stem if isinstance(lib, WRNLibrary) else None, "experts": experts,
+                        "engine": "onnxruntime" if graph is not None else "torch"}
         for name in ("tasks", "labels", "class_ids", "group_sizes"):
             setattr(self, name, list(getattr(plain, name)))
         self.eval()
@@ -236,10 +276,18 @@ class FusedComposedModel(nn.Module):
     label_groups = ComposedModel.label_groups
     predict = ComposedModel.predict
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The PyTorch engine: fused library and experts, in micro-batches."""
         if x.shape[0] > self.micro_batch:
             return torch.cat([self.experts(self.library(part)) for part in x.split(self.micro_batch)])
         return self.experts(self.library(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            if x.shape[0] > self.micro_batch:
+                return torch.cat([self.graph(part) for part in x.split(self.micro_batch)])
+            return self.graph(x)
+        return self.forward_torch(x)
 
 
 def _faster(candidates: dict, x: torch.Tensor, rounds: int = 3) -> str:
@@ -250,17 +298,35 @@ def _faster(candidates: dict, x: torch.Tensor, rounds: int = 3) -> str:
     return min(best, key=best.get)
 
 
+def _onnx_graph(plain: ComposedModel, probe: torch.Tensor) -> OnnxRuntimeGraph | None:
+    """The ONNX Runtime engine for ``plain``, or None where it cannot serve: ONNX Runtime missing, a model
+    that does not export, or outputs on ``probe`` further than ``TOLERANCE`` from the plain model's."""
+    try:
+        from .export import shared_exporter
+
+        spec = {"shape": list(probe.shape[1:]), "mean": [0.0], "std": [1.0]}  # metadata only
+        graph = OnnxRuntimeGraph(shared_exporter().onnx_bytes(plain, spec), torch.get_num_threads())
+        if (graph(probe) - plain(probe)).abs().max().item() < TOLERANCE:
+            return graph
+    except Exception:  # noqa: BLE001  (any failure only means this engine is not a candidate)
+        pass
+    return None
+
+
 def fuse(plain: ComposedModel, probe: torch.Tensor | None = None, stem: str = "auto", experts: str = "auto",
-         micro_batch: int = 256) -> FusedComposedModel:
+         micro_batch: int = 256, engine: str = "auto") -> FusedComposedModel:
     """The fused twin of a plain composed model (weights are copied; the plain model is untouched).
 
-    ``stem`` (``conv`` or ``patch``, for a one-channel input) and ``experts`` (``grouped`` or ``separate``)
-    say how to compute those parts; ``auto`` times the candidates on ``probe`` (a batch of inputs, e.g.
-    128 random images; ``Pool.compose(..., fused=True)`` passes one) and keeps the faster, which takes a few
-    hundred milliseconds once. Without a probe, ``auto`` means ``conv`` and ``separate``. ``fused.choices``
-    says what was chosen. Both candidates of each choice compute the same function."""
-    if stem not in ("auto", "conv", "patch") or experts not in ("auto", "grouped", "separate"):
-        raise ValueError(f"unknown stem {stem!r} or experts {experts!r}")
+    ``stem`` (``conv`` or ``patch``, for a one-channel input), ``experts`` (``grouped`` or ``separate``) and
+    ``engine`` (``torch`` or ``onnxruntime``) say how to compute it; ``auto`` times the candidates on
+    ``probe`` (a batch of inputs, e.g. 128 random images; ``Pool.compose(..., fused=True)`` passes one) and
+    keeps the faster, which takes a few hundred milliseconds once. Without a probe, ``auto`` means
+    ``conv``, ``separate`` and ``torch``. ``fused.choices`` says what was chosen. All candidates compute
+    the same function; ``engine="onnxruntime"`` needs a probe (to check the graph against the plain model)
+    and falls back to ``torch`` where that graph cannot serve."""
+    if stem not in ("auto", "conv", "patch") or experts not in ("auto", "grouped", "separate") \
+            or engine not in ("auto", "torch", "onnxruntime"):
+        raise ValueError(f"unknown stem {stem!r}, experts {experts!r} or engine {engine!r}")
     lib = plain.library
     one_channel = isinstance(lib, WRNLibrary) and lib.conv1.in_channels == 1
     with torch.no_grad():
@@ -274,4 +340,11 @@ def fuse(plain: ComposedModel, probe: torch.Tensor | None = None, stem: str = "a
                 features = FusedLibrary(lib, stem)(probe) if isinstance(lib, WRNLibrary) else lib(probe)
                 parts = list(plain.experts)
                 experts = _faster({"grouped": FusedExperts(parts), "separate": SeparateExperts(parts)}, features)
-        return FusedComposedModel(plain, stem, experts, micro_batch)
+        fused = FusedComposedModel(plain, stem, experts, micro_batch)
+        if engine != "torch" and probe is not None:
+            graph = _onnx_graph(plain, probe)
+            if graph is not None and (engine == "onnxruntime" or
+                                      _faster({"torch": fused.forward_torch, "onnxruntime": graph}, probe) == "onnxruntime"):
+                fused.graph = graph
+                fused.choices["engine"] = "onnxruntime"
+        return fused
