@@ -34,6 +34,7 @@ ValueError. Plain: ``ComposedModel``; fused: ``FusedComposedModel``, same ``labe
 from __future__ import annotations
 
 import copy
+import statistics
 
 import torch
 from torch import nn
@@ -290,12 +291,14 @@ class FusedComposedModel(nn.Module):
         return self.forward_torch(x)
 
 
-def _faster(candidates: dict, x: torch.Tensor, rounds: int = 3) -> str:
-    """The name of the fastest of ``candidates`` (name -> callable) on ``x``: one untimed call of each, then
-    ``rounds`` timed ones, in turns so that all see the same machine load; the best time of each counts."""
-    times = alternating_times({name: (lambda fn=fn: fn(x)) for name, fn in candidates.items()}, rounds + 1, warmup=0)
-    best = {name: min(t[1:]) for name, t in times.items()}
-    return min(best, key=best.get)
+def _faster(candidates: dict, x: torch.Tensor, rounds: int = 5) -> str:
+    """The name of the fastest of ``candidates`` (name -> callable) on ``x``: ``rounds`` rounds in which each
+    runs once untimed and once timed, in turns so that all see the same machine load; the median round
+    counts. (The best time instead picked whichever candidate met a quiet moment of a noisy machine, and a
+    fresh ONNX Runtime session needs a few runs before it is at its speed.)"""
+    times = alternating_times({name: (lambda fn=fn: fn(x)) for name, fn in candidates.items()}, rounds)
+    typical = {name: statistics.median(t) for name, t in times.items()}
+    return min(typical, key=typical.get)
 
 
 def _onnx_graph(plain: ComposedModel, probe: torch.Tensor) -> OnnxRuntimeGraph | None:
@@ -320,7 +323,7 @@ def fuse(plain: ComposedModel, probe: torch.Tensor | None = None, stem: str = "a
     ``stem`` (``conv`` or ``patch``, for a one-channel input), ``experts`` (``grouped`` or ``separate``) and
     ``engine`` (``torch`` or ``onnxruntime``) say how to compute it; ``auto`` times the candidates on
     ``probe`` (a batch of inputs, e.g. 128 random images; ``Pool.compose(..., fused=True)`` passes one) and
-    keeps the faster, which takes a few hundred milliseconds once. Without a probe, ``auto`` means
+    keeps the faster, which takes a second or two once. Without a probe, ``auto`` means
     ``conv``, ``separate`` and ``torch``. ``fused.choices`` says what was chosen. All candidates compute
     the same function; ``engine="onnxruntime"`` needs a probe (to check the graph against the plain model)
     and falls back to ``torch`` where that graph cannot serve."""

@@ -141,7 +141,7 @@ class Pool:
         ``fused=True`` returns the same function rewritten for fast inference (``fuse.FusedComposedModel``:
         BatchNorms folded, channels-last, ReLUs and additions inside the convolutions, experts grouped or
         not, run by PyTorch or by ONNX Runtime, whichever is faster on this machine): outputs within 1e-5
-        of the plain model's; about a second to make, since it times its candidates once (more the first
+        of the plain model's; a second or two to make, since it times its candidates once (more the first
         time in a process, when the ONNX part templates are exported).
         """
         tasks = self.check_query(tasks)
