@@ -138,20 +138,21 @@ def bench_fused(pool_path: str, quick: bool, batch: int = 256) -> dict:
     engines are also timed on their own (``fused_torch``, ``fused_onnxruntime``), and the plain model's
     library alone: its share of the plain model's time bounds what fusing with oneDNN can gain, because
     the library's convolutions run near the CPU's peak in both models."""
-    from .fuse import fuse
+    from .fuse import fuse, probe_batch
     from .pool import Pool
 
     pool = Pool(pool_path)
     tasks = pool.tasks[:5]
     plain, fused = pool.compose(tasks), pool.compose(tasks, fused=True)
     x = torch.randn(batch, *pool.input_shape)
-    probe = torch.randn(128, *pool.input_shape, generator=torch.Generator().manual_seed(0))
+    probe = probe_batch(pool.input_shape)
     choices = {k: v for k, v in fused.choices.items() if k != "engine" and v is not None}
     models = {"plain": plain, "fused": fused, "fused_torch": fuse(plain, probe, engine="torch", **choices),
               "fused_onnxruntime": fuse(plain, probe, engine="onnxruntime", **choices), "library": plain.library}
     rounds, calls = (4, 5) if quick else (8, 10)
     with torch.no_grad():
-        max_diff = max(float((plain(x) - models[k](x)).abs().max()) for k in ("fused", "fused_torch", "fused_onnxruntime"))
+        want = plain(x)
+        max_diff = max(float((want - models[k](x)).abs().max()) for k in ("fused", "fused_torch", "fused_onnxruntime"))
         times = alternating_times({name: (lambda m=m: m(x)) for name, m in models.items()}, rounds, calls - 1)
     median = {k: statistics.median(v) for k, v in times.items()}
     out = {"fused_max_abs_diff": max_diff, "fused_choices": fused.choices, "inference_batch": batch,

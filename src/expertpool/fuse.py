@@ -259,17 +259,15 @@ class OnnxRuntimeGraph:
 
 # --------------------------------------------------------------------------- the fused composed model
 class FusedComposedModel(nn.Module):
-    def __init__(self, plain: ComposedModel, stem: str = "conv", experts: str = "separate", micro_batch: int = 256,
-                 graph: OnnxRuntimeGraph | None = None):
+    def __init__(self, plain: ComposedModel, stem: str = "conv", experts: str = "separate", micro_batch: int = 256):
         super().__init__()
         lib = plain.library
         self.library = FusedLibrary(lib, stem) if isinstance(lib, WRNLibrary) else lib
         parts = list(plain.experts)
         self.experts = FusedExperts(parts) if experts == "grouped" else SeparateExperts(parts)
         self.micro_batch = micro_batch
-        self.graph = graph  # the ONNX Runtime engine, when it was chosen
-        self.choices = {"stem": stem if isinstance(lib, WRNLibrary) else None, "experts": experts,
-                        "engine": "onnxruntime" if graph is not None else "torch"}
+        self.graph: OnnxRuntimeGraph | None = None  # the ONNX Runtime engine, when ``fuse`` chooses it
+        self.choices = {"stem": stem if isinstance(lib, WRNLibrary) else None, "experts": experts, "engine": "torch"}
         for name in ("tasks", "labels", "class_ids", "group_sizes"):
             setattr(self, name, list(getattr(plain, name)))
         self.eval()
@@ -277,18 +275,24 @@ class FusedComposedModel(nn.Module):
     label_groups = ComposedModel.label_groups
     predict = ComposedModel.predict
 
+    def _in_micro_batches(self, fn, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.micro_batch:
+            return torch.cat([fn(part) for part in x.split(self.micro_batch)])
+        return fn(x)
+
     def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         """The PyTorch engine: fused library and experts, in micro-batches."""
-        if x.shape[0] > self.micro_batch:
-            return torch.cat([self.experts(self.library(part)) for part in x.split(self.micro_batch)])
-        return self.experts(self.library(x))
+        return self._in_micro_batches(lambda part: self.experts(self.library(part)), x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.graph is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-            if x.shape[0] > self.micro_batch:
-                return torch.cat([self.graph(part) for part in x.split(self.micro_batch)])
-            return self.graph(x)
+            return self._in_micro_batches(self.graph, x)
         return self.forward_torch(x)
+
+
+def probe_batch(input_shape) -> torch.Tensor:
+    """The batch ``fuse`` times its candidates on: 128 seeded random inputs (the global RNG is untouched)."""
+    return torch.randn(128, *input_shape, generator=torch.Generator().manual_seed(0))
 
 
 def _faster(candidates: dict, x: torch.Tensor, rounds: int = 5) -> str:

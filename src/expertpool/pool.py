@@ -152,10 +152,9 @@ class Pool:
         model.training = model.experts.training = False  # the parts are in eval mode already (``_load``),
         # so the composed model is put in eval mode without a walk over all its submodules
         if fused:
-            from .fuse import fuse
+            from .fuse import fuse, probe_batch
 
-            probe = torch.randn(128, *self.input_shape, generator=torch.Generator().manual_seed(0))
-            return fuse(model, probe=probe)
+            return fuse(model, probe=probe_batch(self.input_shape))
         return model
 
     def close(self) -> None:
